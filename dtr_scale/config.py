@@ -1,0 +1,197 @@
+"""Typed configuration: the Hydra config groups under `configs/` map onto these
+dataclasses, and the code uses the dataclasses directly.
+
+Unknown keys and wrong types are rejected by OmegaConf when a composed config
+is merged onto the schema (`to_train_config`); values are checked by each
+dataclass's `__post_init__`, so a bad setting fails before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"got {value!r}, expected one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-S/2"
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    # Optional overrides of the preset, for tiny models.
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        from dtr_scale.models.dit import DIT_PRESETS
+
+        _choice(self.name, "model.name", tuple(DIT_PRESETS))
+        _require(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
+        patch = self.patch_size or DIT_PRESETS[self.name]["patch_size"]
+        _require(self.input_size % patch == 0, "model.input_size",
+                 f"{self.input_size} is not divisible by the patch size {patch}")
+        heads = self.num_heads or DIT_PRESETS[self.name]["num_heads"]
+        hidden = self.hidden_size or DIT_PRESETS[self.name]["hidden_size"]
+        _require(hidden % heads == 0, "model.hidden_size", f"{hidden} is not divisible by num_heads={heads}")
+
+    def overrides(self) -> dict[str, Any]:
+        keys = ("depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class RoutingConfig:
+    kind: str = "none"  # none | dtr | random
+    beta: float = 0.8
+    alpha: float = 4.0
+    seed: int = 0  # for kind=random (R-TR)
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, "routing.kind", ("none", "dtr", "random"))
+        _require(0.0 < self.beta <= 1.0, "routing.beta", f"got {self.beta}, must be in (0, 1]")
+        _require(self.alpha > 0.0, "routing.alpha", f"got {self.alpha}, must be > 0")
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    schedule: str = "linear"  # linear | cosine
+    learn_sigma: bool = True
+    sampler: str = "ddpm"  # ddpm | ddim
+    sampling_steps: int = 250
+    ddim_eta: float = 0.0
+    cfg_scale: float = 1.5
+    guided_channels: str = "all"  # all | first3 (DiT's released code)
+
+    def __post_init__(self) -> None:
+        _choice(self.schedule, "diffusion.schedule", ("linear", "cosine"))
+        _choice(self.sampler, "diffusion.sampler", ("ddpm", "ddim"))
+        _choice(self.guided_channels, "diffusion.guided_channels", ("all", "first3"))
+        _require(self.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
+        _require(1 <= self.sampling_steps <= self.num_timesteps, "diffusion.sampling_steps",
+                 f"got {self.sampling_steps}, must be in [1, {self.num_timesteps}]")
+        _require(self.cfg_scale >= 1.0, "diffusion.cfg_scale", "must be >= 1 (1 disables guidance)")
+
+
+@dataclass
+class WeightingConfig:
+    kind: str = "uniform"  # uniform | min_snr | p2 | ant_uw
+    prediction: str = "eps"  # eps | v | x0: which min-SNR form
+    min_snr_gamma: float = 5.0
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    # ANT interval clustering; intervals also drive per-interval loss logging.
+    num_intervals: int = 8
+    intervals: str = "uniform"  # uniform | snr_dp
+    stratified: bool = False  # stratified timestep sampling (forced on by ant_uw)
+    uw_lr: float = 0.025
+    uw_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, "weighting.kind", ("uniform", "min_snr", "p2", "ant_uw"))
+        _choice(self.prediction, "weighting.prediction", ("eps", "v", "x0"))
+        _choice(self.intervals, "weighting.intervals", ("uniform", "snr_dp"))
+        _require(self.num_intervals >= 1, "weighting.num_intervals", "must be >= 1")
+        _require(self.min_snr_gamma > 0, "weighting.min_snr_gamma", "must be > 0")
+
+    @property
+    def stratify(self) -> bool:
+        return self.stratified or self.kind == "ant_uw"
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = None  # max global grad norm; None disables clipping
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optimizer.lr", "must be > 0")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optimizer.grad_clip", "must be > 0 or null")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # synthetic | shards
+    path: str | None = None  # shard directory, for kind=shards
+    format: str = "mds"  # mds | webdataset
+    num_workers: int = 0
+    # synthetic: class-conditional Gaussian blobs with a known answer
+    num_samples: int = 4096
+    noise_std: float = 0.3
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, "data.kind", ("synthetic", "shards"))
+        _choice(self.format, "data.format", ("mds", "webdataset"))
+        _require(self.kind != "shards" or bool(self.path), "data.path", "is required for data.kind=shards")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 1000
+    global_batch_size: int = 256
+    world_size: int = 1
+    ema_decay: float = 0.9999
+    log_every: int = 50
+    ckpt_every: int = 500
+    sample_at_end: int = 16  # images drawn from the EMA model when training ends; 0 = none
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _require(self.global_batch_size % self.world_size == 0, "global_batch_size",
+                 f"{self.global_batch_size} is not divisible by world_size={self.world_size}")
+        _require(self.model.learn_sigma == self.diffusion.learn_sigma, "diffusion.learn_sigma",
+                 "must equal model.learn_sigma")
+        per_rank = self.global_batch_size // self.world_size
+        k = self.weighting.num_intervals
+        _require(not self.weighting.stratify or per_rank % k == 0, "global_batch_size",
+                 f"per-rank batch {per_rank} (= {self.global_batch_size} / world_size {self.world_size}) "
+                 f"is not divisible by weighting.num_intervals={k}; stratified timestep sampling puts "
+                 f"batch/k samples in each interval, so choose a batch that is a multiple of {k}")
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        return self.global_batch_size // self.world_size
+
+
+def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
+    """Validate a composed Hydra config against the schema and build the dataclasses."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        # OmegaConf names the full key; drop its multi-line object dump.
+        raise ConfigError(str(err).splitlines()[0] + f" (key: {getattr(err, 'full_key', '?')})") from None

@@ -1,0 +1,113 @@
+"""Loss weighting over timesteps, seen as tasks (SPEC section 4).
+
+Per-sample weights (uniform, min-SNR, P2) multiply the MSE term; ANT groups the
+T timesteps into k contiguous intervals, samples them stratified, and
+ANT-UW learns one log-variance per interval (Kendall et al.'s uncertainty
+weighting). The VB term is never weighted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction: str = "eps") -> torch.Tensor:
+    # Min-SNR-gamma (Hang et al. 2023, eq. 9 and its v / x0 forms); w = 1 where SNR = 0
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction == "eps":
+        w = clipped / snr
+    elif prediction == "v":
+        w = clipped / (snr + 1)
+    elif prediction == "x0":
+        w = clipped
+    else:
+        raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
+    return torch.where(snr == 0, torch.ones_like(w), w)
+
+
+def p2_weight(snr: torch.Tensor, gamma: float = 1.0, k: float = 1.0) -> torch.Tensor:
+    # P2 weighting (Choi et al. 2022): w = 1 / (k + SNR)^gamma
+    return 1.0 / (k + snr) ** gamma
+
+
+def uniform_intervals(num_timesteps: int, k: int) -> np.ndarray:
+    # ANT's uniform clustering: interval i = [floor(T i / k), floor(T (i+1) / k))
+    return np.array([num_timesteps * i // k for i in range(k + 1)], dtype=np.int64)
+
+
+def snr_dp_intervals(snr: np.ndarray, k: int) -> np.ndarray:
+    """k contiguous intervals minimising the within-interval sum of squared SNR
+    deviations (optimal 1-D clustering by dynamic programming; ANT's SNR-based option).
+    Returns k+1 boundaries. On the linear schedule this crowds the intervals toward tiny t."""
+    values = np.asarray(snr, dtype=np.float64)
+    n = len(values)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot split {n} timesteps into {k} intervals")
+    s1 = np.concatenate([[0.0], np.cumsum(values)])
+    s2 = np.concatenate([[0.0], np.cumsum(values**2)])
+
+    def cost(starts: np.ndarray, end: int) -> np.ndarray:  # SSE of values[starts:end] for each start
+        count = end - starts
+        total = s1[end] - s1[starts]
+        return (s2[end] - s2[starts]) - total**2 / count
+
+    best = np.full((k + 1, n + 1), np.inf)
+    arg = np.zeros((k + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for c in range(1, k + 1):
+        for end in range(c, n + 1):
+            starts = np.arange(c - 1, end)
+            total = best[c - 1, starts] + cost(starts, end)
+            j = int(np.argmin(total))
+            best[c, end], arg[c, end] = total[j], starts[j]
+    bounds = [n]
+    for c in range(k, 0, -1):
+        bounds.append(int(arg[c, bounds[-1]]))
+    return np.array(bounds[::-1], dtype=np.int64)
+
+
+def interval_index(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
+    """Which interval each timestep falls in (boundaries: k+1 increasing ints, first 0, last T)."""
+    return torch.bucketize(t, boundaries[1:-1], right=True)
+
+
+def stratified_timesteps(batch_size: int, boundaries: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample j falls in interval j mod k, uniformly inside it; any contiguous slice whose
+    length divides by k (a rank's share of the batch) therefore holds length/k per interval."""
+    k = len(boundaries) - 1
+    if batch_size % k:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {k} timestep intervals")
+    interval = torch.arange(batch_size) % k
+    low, high = boundaries[interval], boundaries[interval + 1]
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    return low + (u * (high - low)).long()
+
+
+def interval_means(per_sample: torch.Tensor, interval: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `per_sample` within each of k intervals, and the counts (a mean over 0 samples is NaN)."""
+    sums = torch.zeros(k, dtype=per_sample.dtype, device=per_sample.device).index_add(0, interval, per_sample)
+    counts = torch.bincount(interval, minlength=k).to(per_sample.dtype)
+    return sums / counts, counts
+
+
+def uncertainty_weighted_loss(interval_losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
+    # ANT-UW: sum_i 0.5 * (exp(-s_i) * L_i + s_i), L_i = interval mean / k (Go et al. 2023, Kendall et al. 2018)
+    scaled = interval_losses / len(interval_losses)
+    return 0.5 * (torch.exp(-log_vars) * scaled + log_vars).sum()
+
+
+class UncertaintyWeighting(nn.Module):
+    """The k learned log-variances of ANT-UW (init 0); trained in their own param group."""
+
+    def __init__(self, num_intervals: int):
+        super().__init__()
+        self.log_vars = nn.Parameter(torch.zeros(num_intervals))
+
+    def forward(self, interval_losses: torch.Tensor) -> torch.Tensor:
+        return uncertainty_weighted_loss(interval_losses, self.log_vars)
+
+    def weights(self) -> torch.Tensor:
+        """The effective weight 0.5 * exp(-s_i) of each interval's loss, for logging."""
+        return 0.5 * torch.exp(-self.log_vars.detach())
