@@ -50,7 +50,7 @@ def sample_latents(
 
     x = gaussian()
     steps = range(diffusion.num_timesteps - 1, -1, -1)
-    for i in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
+    for i in tqdm(steps, desc=f"{sampler} sampling", disable=None if progress else True, leave=False):
         t = torch.full((len(x),), i, device=device, dtype=torch.long)
         noise = gaussian()
         if sampler == "ddpm":

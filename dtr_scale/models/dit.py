@@ -136,12 +136,14 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`mask` is (m, 1 - m), each [N, 1, C], or None for the vanilla block."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        r = x if mask is None else x * mask
+        r = x if mask is None else x * mask[0]
         r = r + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(r), shift1, scale1))
         r = r + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(r), shift2, scale2))
-        return r if mask is None else r + x * (1 - mask)
+        return r if mask is None else torch.addcmul(r, x, mask[1])  # r + x * (1 - m), one fused op
 
 
 class FinalLayer(nn.Module):

@@ -63,10 +63,14 @@ class TaskRouting(nn.Module):
         # bool keeps R-TR's per-block tables at 1 byte per entry (DiT-XL: 32 MB instead of 129 MB).
         self.register_buffer("tables", tables.bool(), persistent=False)
 
-    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Masks for each block, each [N, 1, C] in `dtype`, for integer timesteps t [N]."""
-        masks = self.tables[:, t].to(dtype).unsqueeze(2)  # [tables, N, 1, C]
-        return [masks[i % masks.shape[0]] for i in range(self.depth)]
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(keep, drop) masks for each block, each [N, 1, C] in `dtype`, for integer timesteps t [N].
+
+        drop = 1 - keep is computed here once per forward, not in every block.
+        """
+        keep = self.tables[:, t].to(dtype).unsqueeze(2)  # [tables, N, 1, C]
+        pairs = [(k, 1 - k) for k in keep.unbind(0)]
+        return [pairs[i % len(pairs)] for i in range(self.depth)]
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, tables={tuple(self.tables.shape)}"

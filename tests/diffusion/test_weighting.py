@@ -1,0 +1,93 @@
+"""Loss weighting formulas of SPEC section 4, against hand-computed values."""
+
+import numpy as np
+import pytest
+import torch
+
+from dtr_scale.diffusion.schedules import linear_betas, snr
+from dtr_scale.diffusion.weighting import (
+    UncertaintyWeighting,
+    interval_index,
+    interval_means,
+    min_snr_weight,
+    p2_weight,
+    snr_dp_intervals,
+    stratified_timesteps,
+    uncertainty_weighted_loss,
+    uniform_intervals,
+)
+
+SNR = torch.tensor([0.0, 1.0, 5.0, 10.0])
+
+
+def test_min_snr_eps_v_x0():
+    assert min_snr_weight(SNR, 5.0, "eps").tolist() == pytest.approx([1.0, 1.0, 1.0, 0.5])
+    assert min_snr_weight(SNR, 5.0, "v").tolist() == pytest.approx([1.0, 0.5, 5 / 6, 5 / 11])
+    assert min_snr_weight(SNR, 5.0, "x0").tolist() == pytest.approx([1.0, 1.0, 5.0, 5.0])
+    assert torch.isfinite(min_snr_weight(SNR, 5.0, "eps")).all()  # SNR = 0 guarded
+
+
+def test_p2():
+    assert p2_weight(torch.tensor([3.0, 0.0]), gamma=0.5, k=1.0).tolist() == pytest.approx([0.5, 1.0])
+    assert p2_weight(torch.tensor([1.0]), gamma=1.0, k=1.0).item() == pytest.approx(0.5)
+
+
+def test_uniform_intervals():
+    assert uniform_intervals(1000, 8).tolist() == [0, 125, 250, 375, 500, 625, 750, 875, 1000]
+    assert uniform_intervals(1000, 3).tolist() == [0, 333, 666, 1000]
+
+
+def test_interval_index():
+    b = torch.tensor([0, 125, 250, 1000])
+    assert interval_index(torch.tensor([0, 124, 125, 249, 250, 999]), b).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_snr_dp_finds_the_obvious_clusters_and_skews_on_linear():
+    values = np.array([0, 0, 0, 10, 10, 10, 20, 20], dtype=float)
+    assert snr_dp_intervals(values, 3).tolist() == [0, 3, 6, 8]
+    bounds = snr_dp_intervals(snr(np.cumprod(1 - linear_betas(1000))), 8)
+    assert bounds[0] == 0 and bounds[-1] == 1000 and np.all(np.diff(bounds) > 0)
+    assert bounds[-2] < 100  # SPEC: on the linear schedule nearly all of T falls in the last interval
+
+
+def test_stratified_sampling_puts_batch_over_k_in_each_interval():
+    b = torch.from_numpy(uniform_intervals(1000, 8))
+    t = stratified_timesteps(64, b, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.bincount(interval_index(t, b), minlength=8), torch.full((8,), 8))
+    # any rank's contiguous share (a multiple of k) is stratified too
+    for rank_rows in t.split(16):
+        assert torch.equal(torch.bincount(interval_index(rank_rows, b), minlength=8), torch.full((8,), 2))
+    with pytest.raises(ValueError, match="not divisible"):
+        stratified_timesteps(60, b)
+
+
+def test_stratified_sampling_is_uniform_within_intervals():
+    b = torch.tensor([0, 10, 1000])
+    t = stratified_timesteps(20000, b, torch.Generator().manual_seed(1))
+    low = t[0::2]
+    assert low.min() == 0 and low.max() == 9
+    assert torch.bincount(low, minlength=10).float().std() / 1000 < 0.1  # ~1000 each
+
+
+def test_interval_means():
+    loss = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    means, counts = interval_means(loss, torch.tensor([0, 0, 2, 2]), 3)
+    assert means[0] == 2.0 and means[2] == 6.0 and torch.isnan(means[1])
+    assert counts.tolist() == [2, 0, 2]
+
+
+def test_uncertainty_weighted_loss_value_and_gradient():
+    raw = torch.tensor([0.8, 0.4, 2.0, 0.1])  # interval means
+    s = torch.tensor([0.0, 0.5, -1.0, 2.0], requires_grad=True)
+    total = uncertainty_weighted_loss(raw, s)
+    L = raw / 4
+    expected = sum(0.5 * (np.exp(-si) * Li + si) for si, Li in zip(s.tolist(), L.tolist()))
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    torch.testing.assert_close(s.grad, 0.5 * (1 - torch.exp(-s.detach()) * L))
+
+
+def test_uncertainty_weighting_module_starts_at_zero():
+    uw = UncertaintyWeighting(8)
+    assert torch.equal(uw.log_vars.detach(), torch.zeros(8))
+    assert uw(torch.ones(8)).item() == pytest.approx(0.5)  # sum 0.5 * (1/8) over 8 intervals
