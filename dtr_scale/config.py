@@ -150,6 +150,61 @@ class DataConfig:
 
 
 @dataclass
+class BackendConfig:
+    """How the model is distributed and which speed switches are on (all off on CPU)."""
+
+    name: str = "ddp"  # ddp | fsdp | deepspeed  (one process: ddp without a wrapper)
+    zero_stage: int = 2  # deepspeed only: 1, 2 or 3
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
+    grad_accum: int = 1  # micro-batches per step; the global batch stays the same
+    compile: bool = False  # torch.compile each DiT block
+    activation_checkpointing: bool = False  # recompute each block in backward
+    tf32: bool = False
+    fused_adamw: bool = False
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated JSON
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "backend.name", ("ddp", "fsdp", "deepspeed"))
+        _choice(self.precision, "backend.precision", ("fp32", "bf16"))
+        _require(self.zero_stage in (1, 2, 3), "backend.zero_stage", f"got {self.zero_stage}, DeepSpeed ZeRO has stages 1, 2, 3")
+        _require(self.grad_accum >= 1, "backend.grad_accum", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every M-th step's checkpoint forever; 0 = none
+    async_save: bool = True  # DDP/FSDP: write in the background (torch.distributed.checkpoint)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1 (the latest is needed to resume)")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+
+
+@dataclass
+class HealthConfig:
+    nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
+    max_skipped_steps: int = 100  # skip policy: stop after this many skipped steps
+    spike_factor: float = 5.0  # log a spike when loss > factor x its running mean
+
+    def __post_init__(self) -> None:
+        _choice(self.nan_policy, "health.nan_policy", ("stop", "skip"))
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 50  # steps
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "dtr-scale"
+
+    def __post_init__(self) -> None:
+        _choice(self.wandb, "logging.wandb", ("offline", "online", "disabled"))
+        _require(self.every >= 1, "logging.every", "must be >= 1")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -157,14 +212,18 @@ class TrainConfig:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
     seed: int = 0
     steps: int = 1000
     global_batch_size: int = 256
     world_size: int = 1
     ema_decay: float = 0.9999
-    log_every: int = 50
-    ckpt_every: int = 500
+    phema_stds: tuple[float, ...] = (0.05, 0.10)  # EDM2 post-hoc EMA profiles tracked; () = off
+    phema_every: int = 0  # steps between post-hoc EMA snapshots; 0 = at every checkpoint
     sample_at_end: int = 16  # images drawn from the EMA model when training ends; 0 = none
     device: str = "cpu"
 
@@ -175,16 +234,21 @@ class TrainConfig:
                  f"{self.global_batch_size} is not divisible by world_size={self.world_size}")
         _require(self.model.learn_sigma == self.diffusion.learn_sigma, "diffusion.learn_sigma",
                  "must equal model.learn_sigma")
-        per_rank = self.global_batch_size // self.world_size
+        split = self.world_size * self.backend.grad_accum
+        _require(self.global_batch_size % split == 0, "global_batch_size",
+                 f"{self.global_batch_size} is not divisible by world_size x backend.grad_accum = "
+                 f"{self.world_size} x {self.backend.grad_accum}")
+        micro = self.global_batch_size // split
         k = self.weighting.num_intervals
-        _require(not self.weighting.stratify or per_rank % k == 0, "global_batch_size",
-                 f"per-rank batch {per_rank} (= {self.global_batch_size} / world_size {self.world_size}) "
-                 f"is not divisible by weighting.num_intervals={k}; stratified timestep sampling puts "
-                 f"batch/k samples in each interval, so choose a batch that is a multiple of {k}")
+        _require(not self.weighting.stratify or micro % k == 0, "global_batch_size",
+                 f"per-rank batch {micro} (= {self.global_batch_size} / world_size {self.world_size}"
+                 f" / grad_accum {self.backend.grad_accum}) is not divisible by weighting.num_intervals={k}; "
+                 f"stratified timestep sampling puts batch/k samples in each interval, so choose a batch "
+                 f"that is a multiple of {k}")
 
     @property
-    def per_rank_batch_size(self) -> int:
-        return self.global_batch_size // self.world_size
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // (self.world_size * self.backend.grad_accum)
 
 
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:

@@ -5,21 +5,54 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.diffusion.sampling import sample_latents
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import load_checkpoint
+from dtr_scale.train.checkpoint import CheckpointError, read_meta
 from dtr_scale.train.components import build_diffusion, build_model, config_from_dict
+
+EMA_EXPORT = "ema.safetensors"  # written beside a checkpoint by backends that cannot be read with DCP
 
 
 def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainConfig]:
-    """The (EMA by default) model of a checkpoint, in eval mode, and the run's config."""
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+    """The (EMA by default) model of a checkpoint directory, in eval mode, and the run's config.
+
+    Reads only the requested weights: the optimizer and the other copy stay on disk.
+    """
+    path = Path(path)
+    cfg = config_from_dict(read_meta(path)["config"])
     model = build_model(cfg)
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    if use_ema and (path / EMA_EXPORT).exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(path / EMA_EXPORT)))
+        return model.eval(), cfg
+    weights = model.state_dict()
+    request = {"ema": weights} if use_ema else {"module": {f"model.{k}": v for k, v in weights.items()}}
+    try:
+        dcp.load(request, checkpoint_id=str(path))
+    except Exception as err:
+        raise CheckpointError(f"could not read the {'EMA' if use_ema else 'model'} weights of {path} "
+                              f"({type(err).__name__}: {err})") from err
+    if not use_ema:
+        weights = {k[len("model."):]: v for k, v in request["module"].items()}
+    model.load_state_dict(weights)
     return model.eval(), cfg
+
+
+def export_ema(checkpoint: str | Path, out: str | Path) -> Path:
+    """The EMA weights as one safetensors file with the official DiT names, loadable by a
+    vanilla `create_model(...)` with strict=True and nothing of this project's machinery."""
+    from safetensors.torch import save_file
+
+    model, cfg = load_model(checkpoint, use_ema=True)
+    out = Path(out)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out),
+              metadata={"model": cfg.model.name, "routing": cfg.routing.kind, "beta": str(cfg.routing.beta),
+                        "alpha": str(cfg.routing.alpha), "source": str(checkpoint)})
+    return out
 
 
 def sample_from_checkpoint(path: str | Path, labels: torch.Tensor, *, cfg_scale: float | None = None,

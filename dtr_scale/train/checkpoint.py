@@ -1,22 +1,36 @@
-"""Checkpoints of a run: atomic writes, a manifest of the complete ones, and
-"latest" resolution that never returns a partial file.
+"""Checkpoints of a run, as one component: save, retention, "latest", load.
 
-Layout: RUN_DIR/checkpoints/step_00001000.pt, plus manifest.json listing the
-complete checkpoints in order. A checkpoint is written to a temporary name,
-fsynced and renamed; only then is it added to the manifest (itself replaced
-atomically). A crash at any point leaves the previous latest intact.
+Layout:
+
+    RUN_DIR/checkpoints/manifest.json        the complete checkpoints, oldest first
+    RUN_DIR/checkpoints/step_00001000/       one checkpoint: the backend's files
+                                   meta.json step, data position, counters, config
+
+A checkpoint is written under `step_N.partial/` and renamed to `step_N/` only
+when every rank has finished writing; then the manifest (itself replaced
+atomically) gains an entry with the size of every file. "Latest" is the newest
+manifest entry whose files are all present at their recorded sizes, so a crash
+or a truncated file at any point leaves an earlier checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
+
+from dtr_scale.config import CheckpointConfig
 
 MANIFEST = "manifest.json"
+META = "meta.json"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -28,13 +42,13 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}.pt"
+    return f"step_{step:08d}"
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -42,39 +56,120 @@ def _write_atomic(path: Path, write) -> None:
 
 def read_manifest(run_dir: str | Path) -> list[dict[str, Any]]:
     path = checkpoint_dir(run_dir) / MANIFEST
-    if not path.exists():
-        return []
-    return json.loads(path.read_text())["checkpoints"]
+    return json.loads(path.read_text())["checkpoints"] if path.exists() else []
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any]) -> Path:
-    directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / checkpoint_name(step)
-    _write_atomic(path, lambda f: torch.save(state, f))
-    entries = [e for e in read_manifest(run_dir) if e["step"] != step]
-    entries.append({"step": step, "file": path.name, "bytes": path.stat().st_size})
-    entries.sort(key=lambda e: e["step"])
-    _write_atomic(directory / MANIFEST, lambda f: f.write(json.dumps({"checkpoints": entries}, indent=1).encode()))
-    return path
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint the manifest lists as complete and whose file is still there."""
-    directory = checkpoint_dir(run_dir)
-    for entry in reversed(read_manifest(run_dir)):
-        path = directory / entry["file"]
-        if path.exists() and path.stat().st_size == entry["bytes"]:
-            return path
+def verify_checkpoint(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why the checkpoint at `path` is not usable, or None if every file is there at its size."""
+    for name, size in entry["files"].items():
+        f = path / name
+        if not f.exists():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, the manifest recorded {size} (truncated?)"
     return None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for truncated zips / pickles
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
-                              "it is truncated or corrupt: delete it or resume from an earlier one") from err
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint; damaged ones are reported and passed over."""
+    for entry in reversed(read_manifest(run_dir)):
+        path = checkpoint_dir(run_dir) / entry["name"]
+        problem = verify_checkpoint(path, entry)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta = Path(path) / META
+    if not meta.exists():
+        raise CheckpointError(f"{meta} does not exist: {path} is not a complete dtr-scale checkpoint")
+    return json.loads(meta.read_text())
+
+
+def retained(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The steps a retention policy keeps: the last `keep_last`, plus every `keep_every`-th."""
+    keep = set(sorted(steps)[-keep_last:])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return keep
+
+
+class CheckpointManager:
+    """Saves through a backend (asynchronously where it can) and commits complete checkpoints."""
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend, world):
+        self.root = checkpoint_dir(run_dir)
+        self.cfg = cfg
+        self.backend = backend
+        self.world = world
+        self.pending: tuple[Future, int, Path] | None = None
+        self.blocked_seconds = 0.0  # time the training loop spent inside save(), for the step breakdown
+        if world.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, step: int, meta: dict[str, Any], *, asynchronous: bool | None = None) -> None:
+        start = time.perf_counter()
+        self.wait()
+        partial = self.root / f"{checkpoint_name(step)}.partial"
+        if self.world.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt at this step
+            partial.mkdir(parents=True)
+            _write_json_atomic(partial / META, meta)
+        self._barrier()
+        use_async = self.cfg.async_save if asynchronous is None else asynchronous
+        future = self.backend.save(partial, asynchronous=use_async)
+        if future is None:
+            self._barrier()
+            self._commit(step, partial)
+        else:
+            self.pending = (future, step, partial)
+        self.blocked_seconds += time.perf_counter() - start
+
+    def poll(self) -> None:
+        """Commit a finished background save (cheap; call every step)."""
+        if self.pending is not None and self.pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        future, step, partial = self.pending
+        self.pending = None
+        future.result()
+        # DCP's rank 0 finishes only after every rank's data is written: it may commit alone.
+        self._commit(step, partial)
+
+    def _commit(self, step: int, partial: Path) -> None:
+        if self.world.rank != 0:
+            return
+        final = self.root / checkpoint_name(step)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        entries = [e for e in read_manifest(self.root.parent) if e["step"] != step]
+        entries.append({"step": step, "name": final.name, "files": files, "time": time.time()})
+        entries.sort(key=lambda e: e["step"])
+        keep = retained([e["step"] for e in entries], self.cfg.keep_last, self.cfg.keep_every)
+        _write_json_atomic(self.root / MANIFEST, {"checkpoints": [e for e in entries if e["step"] in keep]})
+        for e in entries:
+            if e["step"] not in keep:
+                shutil.rmtree(self.root / e["name"], ignore_errors=True)
+        log.info("checkpoint %s complete", final)
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint into the backend; its meta, or None for a fresh run."""
+        path = latest_checkpoint(self.root.parent)
+        if path is None:
+            return None
+        try:
+            self.backend.load(path)
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
+                                  f"move it aside to resume from the one before") from err
+        return read_meta(path)
+
+    def _barrier(self) -> None:
+        if self.world.size > 1:
+            dist.barrier()

@@ -40,7 +40,8 @@ def build_optimizer(model: nn.Module, objective: TrainingObjective, cfg: TrainCo
     if objective.uw is not None:
         groups.append({"params": list(objective.uw.parameters()), "lr": cfg.weighting.uw_lr,
                        "weight_decay": cfg.weighting.uw_weight_decay, "name": "uw"})
-    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps)
+    fused = cfg.backend.fused_adamw and cfg.device == "cuda"
+    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
 def build_loader(cfg: TrainConfig, rank: int, world_size: int):

@@ -1,20 +1,20 @@
-"""The training loop, written once.
+"""The training loop, written once for every backend.
 
 Each step's randomness (timesteps, noise, label dropout) is drawn for the whole
 global batch from a generator seeded by (seed, step), and each rank takes its
-rows. So the numbers of step k do not depend on the world size or on whether
-the run was restarted before k, and the data position is the only other state
-a resume needs besides model, EMA, optimizer and the ANT-UW log-variances.
+rows. So the numbers of step k do not depend on the world size, on gradient
+accumulation, or on whether the run was restarted before k; the data position
+is the only other state a resume needs besides what the backend saves (model,
+EMA, optimizer, ANT-UW log-variances) and the post-hoc EMA.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,15 +26,12 @@ from tqdm.auto import tqdm
 from dtr_scale.config import TrainConfig
 from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.objective import TrainingObjective
-from dtr_scale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dtr_scale.train.components import (
-    build_loader,
-    build_model,
-    build_objective,
-    build_optimizer,
-    config_to_dict,
-)
-from dtr_scale.train.ema import make_ema, update_ema
+from dtr_scale.train.backends import make_backend
+from dtr_scale.train.checkpoint import CheckpointManager
+from dtr_scale.train.components import build_loader, build_model, build_objective, config_to_dict
+from dtr_scale.train.ema import make_ema
+from dtr_scale.train.metrics import MetricsLogger, StepTimer
+from dtr_scale.train.phema_snapshots import PosthocEMATracker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +46,7 @@ class TrainResult:
     step: int
     run_dir: Path
     last_loss: float | None = None
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -74,7 +72,7 @@ class DiffusionTrainModule(nn.Module):
 
     def forward(self, x0, y, t, noise, drop) -> dict[str, torch.Tensor]:
         out = self.objective(self.model, x0, y, t, noise, force_drop_ids=drop)
-        return {"loss": out.loss, "mse": out.mse, "vb": out.vb,
+        return {"loss": out.loss, "mse": out.mse.mean(), "vb": out.vb.mean(),
                 "interval_losses": out.interval_losses, "interval_counts": out.interval_counts}
 
 
@@ -97,38 +95,38 @@ def draw_step(cfg: TrainConfig, objective: TrainingObjective, step: int, rank: i
     return StepDraws(t[rows], noise[rows], drop[rows])
 
 
-def _reduce_mean(x: torch.Tensor, world: World) -> torch.Tensor:
+@dataclass
+class Counters:
+    """Run-level counters that live in the checkpoint's meta."""
+
+    images_seen: int = 0
+    skipped_steps: int = 0
+    loss_spikes: int = 0
+    loss_mean: float | None = field(default=None)  # running mean of the unweighted loss, for spikes
+
+
+def _mean_over_ranks(x: torch.Tensor, world: World) -> torch.Tensor:
+    x = x.detach().float().cpu().clone()
     if world.size > 1:
-        x = x.clone()
         dist.all_reduce(x)
         x /= world.size
     return x
 
 
-class MetricsLog:
-    """JSON lines in RUN_DIR/metrics.jsonl plus a line on the logger, from rank 0."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+def _any_rank(flag: bool, world: World) -> bool:
+    if world.size == 1:
+        return bool(flag)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
-def _state(module: DiffusionTrainModule, ema: nn.Module, optimizer, loader, step: int, cfg: TrainConfig) -> dict:
-    return {
-        "step": step,
-        "model": module.model.state_dict(),
-        "ema": ema.state_dict(),
-        "objective": module.objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "data": loader.state_dict(),
-        "config": config_to_dict(cfg),
-    }
+def _apply_config_lrs(param_groups: list[dict], cfg: TrainConfig) -> None:
+    """The config's lr and weight decay win over the ones stored in a checkpoint."""
+    values = {"model": (cfg.optimizer.lr, cfg.optimizer.weight_decay),
+              "uw": (cfg.weighting.uw_lr, cfg.weighting.uw_weight_decay)}
+    for group in param_groups:
+        group["lr"], group["weight_decay"] = values[group["name"]]
 
 
 def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
@@ -143,7 +141,9 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
         raise ValueError(f"world_size: the config says {cfg.world_size} processes but WORLD_SIZE={world.size}; "
                          f"set world_size={world.size}")
     if world.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo")
+    if cfg.device == "cuda":
+        torch.cuda.set_device(world.local_rank)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -152,97 +152,120 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     objective = build_objective(cfg)
     module = DiffusionTrainModule(model, objective)
     ema = make_ema(model)
-    optimizer = build_optimizer(model, objective, cfg)
+    backend = make_backend(cfg, world)
+    backend.setup(module, ema)
+    phema = PosthocEMATracker(run_dir, model, cfg, world) if cfg.phema_stds else None
+    if phema is not None:
+        backend.extra_state["phema"] = phema.ema
     loader = build_loader(cfg, world.rank, world.size)
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, backend, world)
 
+    counters = Counters()
+    meta = checkpoints.load_latest()
     start = 0
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        _apply_config_lrs(optimizer, cfg)  # the config's lr wins over the checkpoint's
-        loader.load_state_dict(state["data"])
-        start = state["step"]
-        log.info("resumed from %s at step %d", resume_from, start)
+    if meta is not None:
+        start = meta["step"]
+        loader.load_state_dict(meta["data"])
+        counters = Counters(**meta["counters"])
+        _apply_config_lrs(backend.param_groups, cfg)
+        log.info("resumed at step %d from %s", start, run_dir / "checkpoints")
 
-    wrapped = nn.parallel.DistributedDataParallel(module) if world.size > 1 else module
-    metrics = MetricsLog(run_dir, enabled=world.rank == 0)
+    def save(step: int, asynchronous: bool | None = None) -> None:
+        meta = {"step": step, "data": loader.state_dict(), "counters": vars(counters),
+                "world_size": world.size, "backend": cfg.backend.name, "config": config_to_dict(cfg)}
+        checkpoints.save(step, meta, asynchronous=asynchronous)
+        if phema is not None:
+            phema.maybe_snapshot(step, at_checkpoint=True)
+
+    metrics = MetricsLogger(run_dir, cfg, enabled=world.rank == 0)
+    timer = StepTimer(cfg.device)
     if world.rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("training %s (%.2fM params, routing=%s, weighting=%s) for %d steps, global batch %d on %d process(es)",
-                 cfg.model.name, n_params / 1e6, cfg.routing.kind, cfg.weighting.kind, cfg.steps,
-                 cfg.global_batch_size, world.size)
+        log.info("training %s (%.2fM params, routing=%s, weighting=%s) on %s x%d for %d steps, global batch %d",
+                 cfg.model.name, n_params / 1e6, cfg.routing.kind, cfg.weighting.kind, cfg.backend.name,
+                 world.size, cfg.steps, cfg.global_batch_size)
 
     step, loss_value = start, None
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=True if world.rank != 0 else None, dynamic_ncols=True)
-    window_start, window_images = time.perf_counter(), 0
-    while step < cfg.steps:
-        if stop_requested is not None and _any_rank(stop_requested(), world):
-            _checkpoint(cfg, module, ema, optimizer, loader, step, world)
-            bar.close()
-            return TrainResult("stopped", step, run_dir, loss_value)
-        x0, y = next(loader)
-        draws = draw_step(cfg, objective, step, world.rank, world.size)
-        out = wrapped(x0, y, draws.t, draws.noise, draws.drop)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-        loss = _reduce_mean(out["loss"].detach(), world)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise NonFiniteLossError(
-                f"step {step}, rank {world.rank}: loss {loss.item()}, grad norm {grad_norm.item()}; "
-                f"interval losses {out['interval_losses'].tolist()}")
-        optimizer.step()
-        update_ema(ema, model, cfg.ema_decay)
-        step += 1
-        loss_value = loss.item()
-        window_images += cfg.global_batch_size
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+    accum = cfg.backend.grad_accum
+    max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=True if world.rank != 0 else None,
+               dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            checkpoints.poll()
+            if stop_requested is not None and _any_rank(stop_requested(), world):
+                save(step, asynchronous=False)
+                return TrainResult("stopped", step, run_dir, loss_value, counters.skipped_steps)
+            timer.start("data")
+            x0, y = next(loader)
+            draws = draw_step(cfg, objective, step, world.rank, world.size)
+            timer.start("forward_backward")
+            outs = []
+            for i, rows in enumerate(torch.arange(len(y)).chunk(accum)):
+                with backend.micro_step(last=i == accum - 1):
+                    out = backend.forward(x0[rows], y[rows], draws.t[rows], draws.noise[rows], draws.drop[rows])
+                    backend.backward(out["loss"] / accum)
+                outs.append({k: v.detach() for k, v in out.items()})
+            timer.start("optimizer")
+            grad_norm = backend.clip_grad_norm(max_norm)
+            loss = _mean_over_ranks(torch.stack([o["loss"] for o in outs]).mean(), world)
+            interval_losses = _mean_over_ranks(torch.stack([o["interval_losses"] for o in outs]).nanmean(0), world)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                message = (f"step {step}, rank {world.rank}: loss {loss.item()}, grad norm {grad_norm.item()}; "
+                           f"interval losses {interval_losses.tolist()}")
+                counters.skipped_steps += 1
+                if cfg.health.nan_policy == "stop" or counters.skipped_steps > cfg.health.max_skipped_steps:
+                    raise NonFiniteLossError(message)
+                log.warning("skipping non-finite step (%d skipped so far): %s", counters.skipped_steps, message)
+                backend.skip()
+            else:
+                backend.step()
+                backend.update_ema(cfg.ema_decay)
+                if phema is not None:
+                    phema.update(step + 1)
+            step += 1
+            counters.images_seen += cfg.global_batch_size
+            loss_value = loss.item()
+            unweighted = _mean_over_ranks(torch.stack([o["mse"] + o["vb"] for o in outs]).mean(), world).item()
+            _watch_spike(counters, unweighted, step, cfg)
+            timer.start("checkpoint")
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                save(step, asynchronous=False if step == cfg.steps else None)
+            elif phema is not None:
+                phema.maybe_snapshot(step, at_checkpoint=False)
+            timer.stop()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % cfg.logging.every == 0 or step == cfg.steps:
+                record = {
+                    "step": step, "loss": loss_value, "unweighted_loss": unweighted,
+                    "mse": _mean_over_ranks(torch.stack([o["mse"] for o in outs]).mean(), world).item(),
+                    "vb": _mean_over_ranks(torch.stack([o["vb"] for o in outs]).mean(), world).item(),
+                    "interval_losses": interval_losses.tolist(), "grad_norm": grad_norm.item(),
+                    "lr": backend.param_groups[0]["lr"], "images_seen": counters.images_seen,
+                    "skipped_steps": counters.skipped_steps, "loss_spikes": counters.loss_spikes,
+                    "checkpoint_blocked_s": checkpoints.blocked_seconds,
+                    **timer.summary(cfg.global_batch_size),
+                }
+                if objective.uw is not None:
+                    weights = objective.uw.weights()
+                    record["uw_weights"] = getattr(weights, "full_tensor", lambda: weights)().tolist()
+                if cfg.device == "cuda":
+                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics.write(record)
+        checkpoints.wait()
+    finally:
+        bar.close()
+        metrics.close()
+    return TrainResult("finished", step, run_dir, loss_value, counters.skipped_steps)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step, "loss": loss_value,
-                "mse": _reduce_mean(out["mse"].mean().detach(), world).item(),
-                "vb": _reduce_mean(out["vb"].mean().detach(), world).item(),
-                "interval_losses": _reduce_mean(out["interval_losses"], world).tolist(),
-                "grad_norm": grad_norm.item(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": window_images / max(elapsed, 1e-9),
-            }
-            if objective.uw is not None:
-                record["uw_weights"] = objective.uw.weights().tolist()
-            metrics.write(record)
-            window_start, window_images = time.perf_counter(), 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            _checkpoint(cfg, module, ema, optimizer, loader, step, world)
-    bar.close()
-    return TrainResult("finished", step, run_dir, loss_value)
 
-
-def _apply_config_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
-    lrs = {"model": (cfg.optimizer.lr, cfg.optimizer.weight_decay),
-           "uw": (cfg.weighting.uw_lr, cfg.weighting.uw_weight_decay)}
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = lrs[group["name"]]
-
-
-def _any_rank(flag: bool, world: World) -> bool:
-    if world.size == 1:
-        return bool(flag)
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _checkpoint(cfg: TrainConfig, module, ema, optimizer, loader, step: int, world: World) -> None:
-    if world.rank == 0:
-        path = save_checkpoint(cfg.run_dir, step, _state(module, ema, optimizer, loader, step, cfg))
-        log.info("saved %s", path)
-    if world.size > 1:
-        dist.barrier()
+def _watch_spike(counters: Counters, loss: float, step: int, cfg: TrainConfig) -> None:
+    """Log a loss far above its running mean; the mean is a slow EMA of finite losses."""
+    if not math.isfinite(loss):
+        return
+    if counters.loss_mean is not None and loss > cfg.health.spike_factor * counters.loss_mean:
+        counters.loss_spikes += 1
+        log.warning("loss spike at step %d: %.4g is %.1fx the running mean %.4g",
+                    step, loss, loss / counters.loss_mean, counters.loss_mean)
+    counters.loss_mean = loss if counters.loss_mean is None else 0.99 * counters.loss_mean + 0.01 * loss

@@ -17,7 +17,8 @@ def tiny_config(tmp_path):
             "optimizer": {"lr": 1e-3},
             "data": {"kind": "synthetic", "num_samples": 256},
             "run_dir": str(tmp_path / "run"), "steps": 20, "global_batch_size": 16,
-            "ema_decay": 0.9, "log_every": 5, "ckpt_every": 10, "sample_at_end": 0,
+            "ema_decay": 0.9, "sample_at_end": 0,
+            "checkpoint": {"every": 10, "keep_last": 5}, "logging": {"every": 5, "wandb": "disabled"},
         }
         for key, value in overrides.items():
             node = base

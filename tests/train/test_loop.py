@@ -7,8 +7,16 @@ import torch
 
 from dtr_scale.data.synthetic import SyntheticLatents
 from dtr_scale.eval.sample import sample_from_checkpoint
-from dtr_scale.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_manifest
+from dtr_scale.train.checkpoint import latest_checkpoint, read_manifest, read_meta
 from dtr_scale.train.loop import NonFiniteLossError, train
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+
+def load_checkpoint(path, tmp_path):
+    """Everything a checkpoint holds, as one nested dict (DCP -> torch.save -> load)."""
+    out = tmp_path / f"{path.parent.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    return torch.load(out, weights_only=False)
 
 
 def stop_at(step):
@@ -25,42 +33,55 @@ def test_resume_gives_the_same_trajectory_bitwise(tiny_config, tmp_path):
     straight = tiny_config(run_dir=str(tmp_path / "straight"))
     assert train(straight).status == "finished"
 
-    split = tiny_config(run_dir=str(tmp_path / "split"), ckpt_every=1000)
+    split = tiny_config(run_dir=str(tmp_path / "split"), **{"checkpoint.every": 1000})
     first = train(split, stop_requested=stop_at(7))
     assert (first.status, first.step) == ("stopped", 7)
     second = train(split)
     assert (second.status, second.step) == ("finished", 20)
 
-    a = load_checkpoint(latest_checkpoint(straight.run_dir))
-    b = load_checkpoint(latest_checkpoint(split.run_dir))
-    for key in ("model", "ema", "objective"):
+    a = load_checkpoint(latest_checkpoint(straight.run_dir), tmp_path)
+    b = load_checkpoint(latest_checkpoint(split.run_dir), tmp_path)
+    for key in ("module", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for name, value in a["phema"]["emas"][1].items():
+        assert torch.equal(value, b["phema"]["emas"][1][name]), name
     log_a = [json.loads(l) for l in open(tmp_path / "straight" / "metrics.jsonl")]
     log_b = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
 
 
-def test_checkpoint_carries_the_uw_log_variances_and_its_own_param_group(tiny_config):
+def test_checkpoint_carries_the_uw_log_variances_and_its_own_param_group(tiny_config, tmp_path):
     cfg = tiny_config()
     train(cfg)
-    state = load_checkpoint(latest_checkpoint(cfg.run_dir))
-    assert state["objective"]["uw.log_vars"].shape == (4,)
-    assert not torch.all(state["objective"]["uw.log_vars"] == 0)  # learned
-    groups = state["optimizer"]["param_groups"]
+    state = load_checkpoint(latest_checkpoint(cfg.run_dir), tmp_path)
+    log_vars = state["module"]["objective.uw.log_vars"]
+    assert log_vars.shape == (4,) and not torch.all(log_vars == 0)  # learned
+    groups = state["optim"]["param_groups"]
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [("model", 1e-3, 0.0), ("uw", 0.025, 0.0)]
+    assert groups[1]["params"] == ["objective.uw.log_vars"]
     assert [e["step"] for e in read_manifest(cfg.run_dir)] == [10, 20]
+    assert read_meta(latest_checkpoint(cfg.run_dir))["data"] == {"position": 20 * 16}
+
+
+def test_retention_keeps_the_last_k_and_every_mth(tiny_config):
+    cfg = tiny_config(steps=30, **{"checkpoint.every": 5, "checkpoint.keep_last": 2, "checkpoint.keep_every": 10})
+    train(cfg)
+    assert [e["step"] for e in read_manifest(cfg.run_dir)] == [10, 20, 25, 30]
+    on_disk = sorted(p.name for p in (latest_checkpoint(cfg.run_dir).parent).glob("step_*"))
+    assert on_disk == ["step_00000010", "step_00000020", "step_00000025", "step_00000030"]
 
 
 def test_latest_ignores_a_truncated_checkpoint(tiny_config):
     cfg = tiny_config()
     train(cfg)
     latest = latest_checkpoint(cfg.run_dir)
-    assert latest.name == "step_00000020.pt"
-    latest.write_bytes(latest.read_bytes()[:1000])
-    assert latest_checkpoint(cfg.run_dir).name == "step_00000010.pt"
-    with pytest.raises(CheckpointError, match="step_00000020.pt"):
-        load_checkpoint(latest)
+    assert latest.name == "step_00000020"
+    shard = max(latest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:1000])
+    assert latest_checkpoint(cfg.run_dir).name == "step_00000010"
+    resumed = train(tiny_config(steps=25))  # resumes from step 10, not from the damaged 20
+    assert resumed.step == 25 and latest_checkpoint(cfg.run_dir).name == "step_00000025"
 
 
 def test_nan_loss_stops_with_step_and_interval_losses(tiny_config):
@@ -69,13 +90,29 @@ def test_nan_loss_stops_with_step_and_interval_losses(tiny_config):
     with pytest.raises(NonFiniteLossError, match=r"step \d+, rank 0: .*interval losses \[.*\]"):
         train(diverging)
     # what was already written stays the latest, complete checkpoint
-    assert latest_checkpoint(diverging.run_dir).name == "step_00000010.pt"
-    assert load_checkpoint(latest_checkpoint(diverging.run_dir))["step"] == 10
+    assert latest_checkpoint(diverging.run_dir).name == "step_00000010"
+    assert read_meta(latest_checkpoint(diverging.run_dir))["step"] == 10
+
+
+def test_skip_policy_counts_and_continues(tiny_config, monkeypatch):
+    from dtr_scale.train.backends.torch_dist import TorchBackend
+
+    real_clip = TorchBackend.clip_grad_norm
+    calls = {"n": 0}
+
+    def flaky_clip(self, max_norm):  # steps 3 and 4 see an Inf gradient
+        calls["n"] += 1
+        norm = real_clip(self, max_norm)
+        return torch.tensor(float("inf")) if calls["n"] in (4, 5) else norm
+
+    monkeypatch.setattr(TorchBackend, "clip_grad_norm", flaky_clip)
+    result = train(tiny_config(**{"health.nan_policy": "skip"}))
+    assert (result.status, result.step, result.skipped_steps) == ("finished", 20, 2)
 
 
 def test_training_lowers_the_loss_and_samples_approach_the_data(tiny_config):
-    cfg = tiny_config(steps=300, global_batch_size=32, log_every=10, ckpt_every=300, ema_decay=0.98,
-                      **{"optimizer.lr": 3e-3, "data.num_samples": 512, "model.depth": 3, "model.hidden_size": 96})
+    cfg = tiny_config(steps=300, global_batch_size=32, ema_decay=0.98,
+                      **{"logging.every": 10, "checkpoint.every": 300, "optimizer.lr": 3e-3, "data.num_samples": 512, "model.depth": 3, "model.hidden_size": 96})
     train(cfg)
     mse = [json.loads(l)["mse"] for l in open(f"{cfg.run_dir}/metrics.jsonl")]
     assert sum(mse[-5:]) / 5 < 0.5 * sum(mse[:2]) / 2

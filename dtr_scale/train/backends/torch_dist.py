@@ -1,0 +1,129 @@
+"""DDP and FSDP2 (`fully_shard` per DiT block), saved with torch.distributed.checkpoint.
+
+DCP stores every tensor under its parameter name, so a checkpoint written by
+either wrapper on any number of ranks loads into either wrapper on any other
+number of ranks (DCP reshards on load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from dtr_scale.config import TrainConfig
+from dtr_scale.train.components import build_optimizer
+from dtr_scale.train.ema import update_ema
+from dtr_scale.train.speed import apply_speed_switches, autocast
+
+
+class TorchBackend:
+    def __init__(self, cfg: TrainConfig, world):
+        self.cfg = cfg
+        self.world = world
+        self.device = cfg.device
+        self.async_group = None
+        self.extra_state: dict = {}  # more Stateful objects to checkpoint (the post-hoc EMA)
+
+    # setup -------------------------------------------------------------------
+
+    def setup(self, module: nn.Module, ema: nn.Module) -> None:
+        b = self.cfg.backend
+        module.to(self.device)
+        ema.to(self.device)
+        apply_speed_switches(module.model, b)
+        if b.name == "fsdp" and self.world.size > 1:
+            policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if b.precision == "bf16" else None, reduce_dtype=torch.float32)
+            for shard_root in (module.model, ema):
+                for block in shard_root.blocks:
+                    fully_shard(block, mp_policy=policy)
+            fully_shard(module, mp_policy=policy)
+            fully_shard(ema)
+            self.wrapped = module
+        elif self.world.size > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(module)
+        else:
+            self.wrapped = module
+        self.module, self.ema = module, ema
+        self.optimizer = build_optimizer(module.model, module.objective, self.cfg)
+        if dist.is_initialized() and self.cfg.checkpoint.async_save:
+            # background saves run their collectives on a group of their own, never
+            # interleaved with the training step's
+            self.async_group = dist.new_group(backend="gloo")
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    # step --------------------------------------------------------------------
+
+    def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.cfg.backend, torch.device(self.device).type):
+            return self.wrapped(*(x.to(self.device) for x in inputs))
+
+    def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are all-reduced only on the last micro-batch of a step."""
+        if isinstance(self.wrapped, nn.parallel.DistributedDataParallel) and not last:
+            return self.wrapped.no_sync()
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):
+            self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update_ema(self, decay: float) -> None:
+        update_ema(self.ema, self.module.model, decay)
+
+    # state -------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        module_state, optim_state = get_state_dict(self.module, self.optimizer)
+        return {"module": module_state, "optim": optim_state, "ema": get_model_state_dict(self.ema),
+                **self.extra_state}
+
+    def save(self, path: Path, *, asynchronous: bool = False) -> Future | None:
+        """Write the state under directory `path` (collective). With `asynchronous`
+        the tensors are staged to CPU memory and written in the background."""
+        if asynchronous:
+            result = dcp.async_save(self._state(), checkpoint_id=str(path), process_group=self.async_group)
+            return getattr(result, "upload_completion", result)  # newer torch returns a response pair
+        dcp.save(self._state(), checkpoint_id=str(path))
+        return None
+
+    def load(self, path: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["module"], optim_state_dict=state["optim"])
+        set_model_state_dict(self.ema, state["ema"])
+
+    def full_state(self, which: str) -> dict[str, torch.Tensor] | None:
+        source = self.ema if which == "ema" else self.module.model
+        state = get_model_state_dict(source, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.world.rank == 0 else None
+
