@@ -1,0 +1,152 @@
+"""Sample-quality metrics of the ADM evaluation suite (SPEC section 6), on features.
+
+Every metric here is a pure function of feature arrays, so the same code scores
+Inception features (FID, sFID, IS, precision/recall on ImageNet) and the
+embedded digits classifier's features (digits-FD, class accuracy). Where the
+ADM evaluator (guided-diffusion `evaluations/evaluator.py`) makes a choice,
+the choice is kept, so numbers compare with published ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+
+ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # FID's Gaussian fit (Heusel et al. 2017): mean and unbiased covariance, as ADM's np.cov
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature statistics need features [N >= 2, D], got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, eq. 6):
+    |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), computed as ADM does:
+    if the square root is not finite, retry with eps*I added to both covariances; a small
+    imaginary part from numerical error is dropped, a large one is an error."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"Gaussian statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}; both sides must come from the same feature layer")
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(f"Frechet distance: sqrtm of the covariance product is not finite; adding {eps} to the diagonals",
+                      RuntimeWarning, stacklevel=2)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}; "
+                             "the covariances are not positive semi-definite (check the features for NaN or too few samples)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> float:
+    """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), averaged over
+    `splits` equal chunks as ADM does (5000-sample chunks of 50K). Takes logits; pass
+    log-probabilities to score probabilities."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[0] < splits:
+        raise ValueError(f"inception score needs logits [N >= splits={splits}, classes], got shape {logits.shape}")
+    scores = [split_inception_score(chunk) for chunk in np.array_split(logits, splits)]
+    return float(np.mean(scores))
+
+
+def split_inception_score(logits: np.ndarray) -> float:
+    # IS of one chunk: exp(mean_x sum_y p(y|x) (log p(y|x) - log p(y))), p(y) = mean_x p(y|x)
+    log_p = scipy.special.log_softmax(logits, axis=1)
+    log_marginal = scipy.special.logsumexp(log_p, axis=0) - np.log(len(log_p))
+    return float(np.exp(np.mean(np.sum(np.exp(log_p) * (log_p - log_marginal), axis=1))))
+
+
+def manifold_radii(features: torch.Tensor, k: int = 3, batch_size: int = 1024) -> torch.Tensor:
+    # Kynkaanniemi et al. 2019, eq. 2: radius of each point = distance to its k-th nearest other point
+    if len(features) <= k:
+        raise ValueError(f"a k={k} nearest-neighbour manifold needs more than {k} points, got {len(features)}")
+    radii = [torch.cdist(block, features).kthvalue(k + 1, dim=1).values for block in features.split(batch_size)]
+    return torch.cat(radii)
+
+
+def fraction_in_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch_size: int = 1024) -> float:
+    # Kynkaanniemi et al. 2019, eq. 1: share of queries inside some support point's k-NN ball
+    inside = [(torch.cdist(block, support) <= radii[None, :]).any(dim=1) for block in queries.split(batch_size)]
+    return float(torch.cat(inside).double().mean())
+
+
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = 1024,
+                     device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019), k = 3 as ADM: precision is the
+    share of fake samples inside the real k-NN manifold, recall the share of real samples
+    inside the fake one. Distances in float32 blocks of batch_size rows (torch.cdist)."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision/recall needs features [N, D] with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    precision = fraction_in_manifold(fake, real, manifold_radii(real, k, batch_size), batch_size)
+    recall = fraction_in_manifold(real, fake, manifold_radii(fake, k, batch_size), batch_size)
+    return precision, recall
+
+
+def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    # share of class-conditional samples that a classifier assigns to the class they were drawn for
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"class accuracy needs logits [N, K] and labels [N], got {logits.shape} and {labels.shape}")
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+@dataclass
+class ReferenceBatch:
+    """An ADM reference batch: images (arr_0, uint8 [N, H, W, 3]) and/or precomputed
+    pool statistics (mu, sigma) and spatial statistics (mu_s, sigma_s)."""
+
+    images: np.ndarray | None = None
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    mu_s: np.ndarray | None = None
+    sigma_s: np.ndarray | None = None
+
+
+def load_reference_batch(path: str | Path, images: bool = True) -> ReferenceBatch:
+    """Read an ADM reference .npz (e.g. VIRTUAL_imagenet256_labeled.npz). `images=False`
+    skips arr_0 (about 2 GB for ImageNet 256) when only the statistics are needed."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference batch {path} not found; for ImageNet 256 download {ADM_REFERENCE_URL} "
+                                f"and point the evaluator's reference path at it")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            wanted = {"mu", "sigma", "mu_s", "sigma_s"} | ({"arr_0"} if images else set())
+            arrays = {key: npz[key] for key in wanted & keys}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"reference batch {path} is not a readable .npz ({err}); re-download it") from err
+    for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (mean in arrays) != (cov in arrays):
+            raise ValueError(f"reference batch {path} has {mean if mean in arrays else cov} without "
+                             f"{cov if mean in arrays else mean}; keys found: {sorted(keys)}")
+        if mean in arrays and arrays[cov].shape != (arrays[mean].size, arrays[mean].size):
+            raise ValueError(f"reference batch {path}: {cov} has shape {arrays[cov].shape}, expected "
+                             f"({arrays[mean].size}, {arrays[mean].size}) to match {mean}")
+    if "arr_0" in arrays and (arrays["arr_0"].ndim != 4 or arrays["arr_0"].shape[-1] != 3 or arrays["arr_0"].dtype != np.uint8):
+        raise ValueError(f"reference batch {path}: arr_0 must be uint8 images [N, H, W, 3], "
+                         f"got {arrays['arr_0'].dtype} {arrays['arr_0'].shape}")
+    if not arrays:
+        wanted_text = "arr_0, mu, sigma, mu_s, sigma_s" if images else "mu, sigma, mu_s, sigma_s (images=False)"
+        raise ValueError(f"reference batch {path} has none of the ADM keys {wanted_text}; found {sorted(keys)}")
+    return ReferenceBatch(images=arrays.get("arr_0"), mu=arrays.get("mu"), sigma=arrays.get("sigma"),
+                          mu_s=arrays.get("mu_s"), sigma_s=arrays.get("sigma_s"))

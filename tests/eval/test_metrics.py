@@ -1,0 +1,180 @@
+"""Metric math against closed forms and hand-computed answers."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from dtr_scale.eval import metrics
+from dtr_scale.eval.metrics import (
+    class_accuracy,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    load_reference_batch,
+    precision_recall,
+)
+
+
+def random_covariance(rng, dim):
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def test_feature_statistics_are_mean_and_unbiased_covariance():
+    mu, sigma = feature_statistics(np.array([[0.0, 0.0], [2.0, 2.0]]))
+    np.testing.assert_allclose(mu, [1.0, 1.0])
+    np.testing.assert_allclose(sigma, [[2.0, 2.0], [2.0, 2.0]])  # divides by N - 1
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
+    # diagonal covariances commute: FD = |mu1 - mu2|^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert expected == pytest.approx(1 + 6.25 + 4 + 1)
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_of_general_gaussians_matches_symmetric_form():
+    # tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2): sum of sqrt eigenvalues of a symmetric PSD matrix
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = random_covariance(rng, 6), random_covariance(rng, 6)
+    root1 = scipy.linalg.sqrtm(s1).real
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_adds_eps_when_sqrtm_fails(monkeypatch):
+    # ADM's fallback: a non-finite sqrtm is retried on (S1 + eps I)(S2 + eps I)
+    calls = []
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def failing_once(matrix):
+        calls.append(matrix.copy())
+        return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
+
+    monkeypatch.setattr(metrics.scipy.linalg, "sqrtm", failing_once)
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 1.0])
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        distance = frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=0.5)
+    np.testing.assert_allclose(calls[1], (s1 + 0.5 * np.eye(2)) @ (s2 + 0.5 * np.eye(2)))
+    expected = 10.0 - 2 * 2 * np.sqrt(1.5 * 4.5)  # tr S1 + tr S2 - 2 tr sqrt of the offset product
+    assert distance == pytest.approx(expected)
+
+
+def test_frechet_distance_rejects_a_large_imaginary_part():
+    with pytest.raises(ValueError, match="imaginary"):
+        frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="same feature layer"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+def test_inception_score_of_identical_predictions_is_one():
+    assert inception_score(np.tile([[1.0, 2.0, 3.0]], (10, 1)), splits=1) == pytest.approx(1.0)
+
+
+def test_inception_score_of_confident_distinct_predictions_is_class_count():
+    assert inception_score(100.0 * np.eye(5), splits=1) == pytest.approx(5.0)
+
+
+def test_inception_score_by_hand_and_averaged_over_splits():
+    # split 1: p = (0.8, 0.2), (0.2, 0.8); marginal (0.5, 0.5);
+    #   KL = 0.8 ln 1.6 + 0.2 ln 0.4 for both, IS = exp(KL) = 1.212573...
+    # split 2: identical predictions, IS = 1. ADM averages the per-split scores.
+    log_p = np.log([[0.8, 0.2], [0.2, 0.8], [0.5, 0.5], [0.5, 0.5]])
+    split_1 = np.exp(0.8 * np.log(1.6) + 0.2 * np.log(0.4))
+    assert split_1 == pytest.approx(1.212573, abs=1e-6)
+    assert inception_score(log_p, splits=2) == pytest.approx((split_1 + 1.0) / 2)
+    assert inception_score(log_p + 7.0, splits=2) == pytest.approx((split_1 + 1.0) / 2)  # logits: shift-invariant
+
+
+def cluster(rng, center, n, dim=4):
+    return center + 0.01 * rng.normal(size=(n, dim))
+
+
+def test_precision_recall_of_identical_clouds_is_one():
+    points = np.random.default_rng(0).normal(size=(50, 8))
+    assert precision_recall(points, points.copy()) == (1.0, 1.0)
+
+
+def test_precision_recall_of_far_apart_clouds_is_zero():
+    rng = np.random.default_rng(0)
+    assert precision_recall(rng.normal(size=(40, 8)), 100.0 + rng.normal(size=(30, 8))) == (0.0, 0.0)
+
+
+def test_precision_recall_of_partly_overlapping_clusters():
+    # real = clusters A (10) + B (30), fake = A (10, same points) + C (10, far away):
+    # half of the fakes lie on the real manifold, a quarter of the reals on the fake one
+    rng = np.random.default_rng(0)
+    a, b, c = cluster(rng, 0.0, 10), cluster(rng, 50.0, 30), cluster(rng, -50.0, 10)
+    precision, recall = precision_recall(np.concatenate([a, b]), np.concatenate([a, c]))
+    assert (precision, recall) == (0.5, 0.25)
+
+
+@pytest.mark.parametrize("k,recall", [(3, 13 / 20), (2, 12 / 20), (4, 14 / 20)])
+def test_precision_recall_radius_is_kth_nearest_other_point(k, recall):
+    # reals at x = 0..19; fakes at x = 0.5..9.5 plus 10 far away. A near fake's radius is the
+    # distance to its k-th nearest other fake (k at the end x = 9.5), so the reals
+    # x = 0..9 + k (< 9.5 + k) are covered; no fake radius reaches x >= 10 + k.
+    line = lambda x: np.stack([x, np.zeros_like(x)], axis=1)
+    real = line(np.arange(20.0))
+    fake = line(np.concatenate([np.arange(10.0) + 0.5, 1000.0 + np.arange(10.0)]))
+    assert precision_recall(real, fake, k=k) == pytest.approx((0.5, recall))
+    assert precision_recall(real, fake, k=k, batch_size=3) == pytest.approx((0.5, recall))
+
+
+def test_precision_recall_needs_more_points_than_k():
+    with pytest.raises(ValueError, match="more than 3 points"):
+        precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_class_accuracy():
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0]])
+    assert class_accuracy(logits, np.array([0, 1, 1, 0])) == 0.5
+
+
+def write_reference(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_load_reference_batch_reads_adm_keys(tmp_path):
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    path = write_reference(tmp_path / "ref.npz", arr_0=images, mu=np.zeros(3), sigma=np.eye(3),
+                           mu_s=np.ones(2), sigma_s=np.eye(2))
+    ref = load_reference_batch(path)
+    np.testing.assert_array_equal(ref.images, images)
+    np.testing.assert_array_equal(ref.sigma, np.eye(3))
+    np.testing.assert_array_equal(ref.mu_s, np.ones(2))
+    assert load_reference_batch(path, images=False).images is None
+
+
+def test_load_reference_batch_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz"):
+        load_reference_batch(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"mu": np.zeros(3)}, "without sigma"),
+    ({"mu": np.zeros(3), "sigma": np.eye(2)}, "expected"),
+    ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "uint8"),
+    ({"images": np.zeros(2)}, "none of the ADM keys"),
+])
+def test_load_reference_batch_rejects_malformed_files(tmp_path, arrays, message):
+    path = write_reference(tmp_path / "ref.npz", **arrays)
+    with pytest.raises(ValueError, match=message) as info:
+        load_reference_batch(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_reference_batch_rejects_a_non_npz_file(tmp_path):
+    path = tmp_path / "ref.npz"
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_reference_batch(path)
