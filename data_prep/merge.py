@@ -1,0 +1,124 @@
+"""Join finished chunks into one dataset: check completeness, write the MDS index, report and manifest.
+
+manifest.json is written last: a dataset directory is complete exactly when it has one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+
+from data_prep.layout import (CHUNK_META, PREP_NAME, REPORT_NAME, PrepError, chunk_dir, chunk_is_done,
+                              chunk_ranges, parts_of_chunks, read_json, write_json_atomic)
+from data_prep.prepare import file_sha256, record_sha256
+from dtr_scale.data.shard_format import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def routine_warnings_hidden(*logger_names: str):
+    """merge_index reports routine steps (a temporary folder, writing into an existing directory) as warnings."""
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING
+
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
+
+
+def _spans(numbers: list[int]) -> str:
+    """'3-5, 9' for [3, 4, 5, 9]."""
+    spans, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            spans.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(spans)
+
+
+def missing_chunks_message(out: str, missing: list[int], num_chunks: int) -> str:
+    markers = os.listdir(os.path.join(out, "parts")) if os.path.isdir(os.path.join(out, "parts")) else []
+    splits = sorted({int(m.group(1)) for m in (re.match(r"part-\d+-of-(\d+)\.json$", n) for n in markers) if m})
+    message = f"{out} is incomplete: chunks {_spans(missing)} of {num_chunks} are not finished"
+    if splits:
+        n = splits[-1]
+        parts = parts_of_chunks(missing, num_chunks, n)
+        message += (f"; with --num-parts {n} they belong to part(s) {_spans(parts)}: rerun those (e.g. "
+                    f"--part {parts[0]} --num-parts {n}) or resubmit the whole array job, finished parts are skipped")
+    return message + "; then run `dtr-prep merge` again"
+
+
+def build_report(prep: dict, metas: list[dict]) -> dict:
+    skipped = [s for m in metas for s in m["skipped"]]
+    converted = [c for m in metas for c in m["converted"]]
+    by_reason: dict[str, int] = {}
+    for s in skipped:
+        by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+    return {"source": prep["source"], "num_source_images": prep["num_items"],
+            "num_samples": sum(m["samples"] for m in metas), "skipped_by_reason": by_reason,
+            "skipped": skipped, "converted": converted}
+
+
+def build_manifest(prep: dict, metas: list[dict]) -> dict:
+    counts = [0] * len(prep["classes"])
+    for m in metas:
+        for label, n in m["count_per_class"].items():
+            counts[int(label)] += n
+    keys = ("format", "autoencoder", "resolution", "scale_factor", "latent_shape", "stored_shape", "dtype",
+            "classes", "source", "listing_sha256")
+    return {"version": 1, **{k: prep[k] for k in keys},
+            "stored_layout": "moments[2 (image, hflip), 2C (posterior mean, std; unscaled), h, w]",
+            "num_samples": sum(counts), "num_classes": len(counts), "count_per_class": counts,
+            "num_source_images": prep["num_items"], "num_skipped": sum(len(m["skipped"]) for m in metas),
+            "shards": [s for m in metas for s in m["shards"]]}
+
+
+def merge(out: str) -> dict:
+    """Check every chunk is finished and consistent, then write index.json (MDS), report.json, manifest.json."""
+    prep_path = os.path.join(out, PREP_NAME)
+    if not os.path.isfile(prep_path):
+        raise PrepError(f"no {PREP_NAME} in {out}: nothing was prepared there yet (run `dtr-prep images` first)")
+    prep = read_json(prep_path)
+    num_chunks = len(chunk_ranges(prep["num_items"], prep["shard_size"]))
+    missing = [c for c in range(num_chunks) if not chunk_is_done(out, c)]
+    if missing:
+        raise PrepError(missing_chunks_message(out, missing, num_chunks))
+    metas = [read_json(os.path.join(chunk_dir(out, c), CHUNK_META)) for c in range(num_chunks)]
+    expected = record_sha256(prep)
+    stale = [m["chunk"] for m in metas if m["prep_sha256"] != expected]
+    if stale:
+        raise PrepError(f"chunks {_spans(stale)} in {out} were written with other settings than {PREP_NAME}; "
+                        "delete those chunk directories and rerun their parts")
+    if prep["format"] == "mds":
+        from streaming.base.util import merge_index
+
+        with routine_warnings_hidden("", "streaming.base.storage.upload"):
+            merge_index([os.path.join(chunk_dir(out, c), "index.json") for c in range(num_chunks)], out)
+    report = build_report(prep, metas)
+    write_json_atomic(os.path.join(out, REPORT_NAME), report)
+    manifest = build_manifest(prep, metas)
+    if manifest["num_samples"] == 0:
+        raise PrepError(f"every image of {prep['source']} was skipped (see {os.path.join(out, REPORT_NAME)})")
+    write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
+    log.info("merged %s: %d samples in %d shards, %d images skipped %s", out, manifest["num_samples"],
+             len(manifest["shards"]), manifest["num_skipped"], report["skipped_by_reason"])
+    return manifest
+
+
+def verify(out: str) -> list[str]:
+    """Shards whose checksum no longer matches the manifest (empty when the dataset is intact)."""
+    manifest = read_json(os.path.join(out, MANIFEST_NAME))
+    def intact(shard: dict) -> bool:
+        path = os.path.join(out, shard["path"])
+        return os.path.isfile(path) and file_sha256(path) == shard["sha256"]
+
+    return [s["path"] for s in manifest["shards"] if not intact(s)]

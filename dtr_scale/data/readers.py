@@ -1,0 +1,103 @@
+"""Random access to the stored samples of a prepared dataset, by global sample position.
+
+Both formats are read by position so that one sampler (order.py) decides the order for both. MDS goes
+through streaming's random-access reader (`LocalDataset` finds a sample's bytes); webdataset tars through
+the per-shard offset index written beside each tar at prep time (`build_tar_index`).
+Readers open files per read and hold no handles, so they are safe to build before DataLoader workers fork.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from dtr_scale.data.shard_format import ShardDataError, build_tar_index, tar_index_path
+
+
+def fixed_column_offsets(column_names: list[str], column_sizes: list[int | None]) -> dict[str, int]:
+    """Byte offset, inside one MDS sample, of each fixed-size column that precedes every variable-size one.
+
+    An MDS sample is [uint32 size of each variable-size column][each column's bytes, in column order]
+    (streaming's MDSReader.decode_sample). Our columns sort as index, label, moments, source, so the three
+    fixed-size ones sit at constant offsets.
+    """
+    at = 4 * sum(size is None for size in column_sizes)
+    offsets = {}
+    for name, size in zip(column_names, column_sizes):
+        if size is None:
+            break
+        offsets[name] = at
+        at += size
+    return offsets
+
+
+class MDSReader:
+    """streaming's LocalDataset finds and reads a sample's bytes; only moments and label are decoded,
+    from their fixed offsets, because streaming's generic decoder (every column, every sample, the column
+    encodings re-parsed each time) costs more than the rest of the loader together."""
+
+    def __init__(self, root: str, manifest: dict) -> None:
+        from streaming import LocalDataset  # heavy import, only where MDS is read
+
+        self._dataset = LocalDataset(local=root)
+        self._dtype = np.dtype(manifest["dtype"])
+        self._shape = tuple(manifest["stored_shape"])
+        self._count = int(np.prod(self._shape))
+        self._offsets = [fixed_column_offsets(s.column_names, s.column_sizes) for s in self._dataset.shards]
+        if any({"label", "moments"} - set(o) for o in self._offsets):
+            raise ShardDataError(f"{root}: the MDS shards lack fixed-size label and moments columns; "
+                                 "they were not written by dtr-prep, prepare the data again")
+        _check_count(root, len(self._dataset), manifest)
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def read(self, position: int) -> tuple[np.ndarray, int]:
+        """(moments [2, 2C, h, w], label) of the sample at this global position."""
+        shard, index = self._dataset.spanner[position]
+        data = self._dataset.shards[shard].get_sample_data(index)
+        offsets = self._offsets[shard]
+        moments = np.frombuffer(data, self._dtype, self._count, offsets["moments"]).reshape(self._shape)
+        return moments, int(np.frombuffer(data, np.int64, 1, offsets["label"])[0])
+
+
+class TarReader:
+    def __init__(self, root: str, manifest: dict) -> None:
+        self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
+        counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._indexes: dict[int, np.ndarray] = {}  # loaded on first use: a worker may touch few shards
+        self._dtype = np.dtype(manifest["dtype"])
+        self._shape = tuple(manifest["stored_shape"])
+        _check_count(root, int(self._starts[-1]), manifest)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _index(self, shard: int) -> np.ndarray:
+        if shard not in self._indexes:
+            path = self._paths[shard]
+            sidecar = tar_index_path(path)
+            self._indexes[shard] = np.load(sidecar) if os.path.exists(sidecar) else build_tar_index(path)
+        return self._indexes[shard]
+
+    def read(self, position: int) -> tuple[np.ndarray, int]:
+        """(moments [2, 2C, h, w], label) of the sample at this global position."""
+        shard = int(np.searchsorted(self._starts, position, side="right")) - 1
+        offset, nbytes, label = self._index(shard)[position - self._starts[shard]]
+        with open(self._paths[shard], "rb", buffering=0) as f:
+            f.seek(int(offset))
+            data = f.read(int(nbytes))
+        return np.frombuffer(data, self._dtype).reshape(self._shape), int(label)
+
+
+def _check_count(root: str, found: int, manifest: dict) -> None:
+    if found != manifest["num_samples"]:
+        raise ShardDataError(f"{root}: the shards hold {found} samples but manifest.json says "
+                             f"{manifest['num_samples']}; the dataset is damaged or half-merged, rerun "
+                             f"`dtr-prep merge {root}`")
+
+
+def open_reader(root: str, manifest: dict) -> MDSReader | TarReader:
+    return MDSReader(root, manifest) if manifest["format"] == "mds" else TarReader(root, manifest)
