@@ -139,6 +139,7 @@ class DataConfig:
     path: str | None = None  # shard directory, for kind=shards
     format: str = "mds"  # mds | webdataset
     num_workers: int = 0
+    embedded: bool = False  # the digits: prepared into `path` on first use (a few seconds)
     # synthetic: class-conditional Gaussian blobs with a known answer
     num_samples: int = 4096
     noise_std: float = 0.3

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -25,9 +26,18 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 log = logging.getLogger("dtr_scale")
 
 
+def prepare_embedded_data(cfg: TrainConfig) -> None:
+    if cfg.data.embedded and not (Path(cfg.data.path) / "manifest.json").exists():
+        from data_prep.digits import prepare_digits
+
+        log.info("preparing the embedded digits into %s", cfg.data.path)
+        prepare_digits(cfg.data.path, format=cfg.data.format)
+
+
 def sample_at_end(cfg: TrainConfig) -> None:
-    """Draw class-conditional samples from the final EMA model and, on the toy data,
-    report how close they land to their class patterns."""
+    """Draw class-conditional samples from the final EMA model; on images, decode them,
+    save a grid and (for the digits) score them; on the toy data, report how close
+    they land to their class patterns."""
     ckpt = latest_checkpoint(cfg.run_dir)
     labels = torch.arange(cfg.sample_at_end) % cfg.model.num_classes
     latents = sample_from_checkpoint(ckpt, labels, seed=cfg.seed, progress=True)
@@ -35,6 +45,8 @@ def sample_at_end(cfg: TrainConfig) -> None:
     torch.save({"latents": latents, "labels": labels, "checkpoint": ckpt.name}, out)
     log.info("wrote %d samples (%s, %d steps, cfg %.2f) to %s", len(labels), cfg.diffusion.sampler,
              cfg.diffusion.sampling_steps, cfg.diffusion.cfg_scale, out)
+    if cfg.data.kind == "shards":
+        write_images(cfg, latents, labels, ckpt.name)
     if cfg.data.kind == "synthetic":
         data = SyntheticLatents(cfg.data.num_samples, cfg.model.num_classes, tuple(latents.shape[1:]),
                                 cfg.data.noise_std, cfg.seed)
@@ -44,6 +56,26 @@ def sample_at_end(cfg: TrainConfig) -> None:
                  own, cfg.data.noise_std**2, pure_noise)
 
 
+def write_images(cfg: TrainConfig, latents: torch.Tensor, labels: torch.Tensor, checkpoint: str) -> None:
+    from torchvision.utils import save_image
+
+    from data_prep.autoencoders import load_autoencoder
+    from dtr_scale.data.loader import read_manifest
+
+    autoencoder = load_autoencoder(read_manifest(cfg.data.path)["autoencoder"])
+    images = autoencoder.decode(latents).cpu()  # uint8 [N, H, W, 3]
+    grid = Path(cfg.run_dir) / "samples.png"
+    save_image(images.permute(0, 3, 1, 2).float() / 255, grid, nrow=cfg.model.num_classes)
+    log.info("sample grid (one class per column) in %s", grid)
+    if cfg.data.embedded:
+        from dtr_scale.eval.digits import digits_scores
+
+        scores = {"checkpoint": checkpoint, **digits_scores(images.numpy(), labels.numpy())}
+        (Path(cfg.run_dir) / "results.json").write_text(json.dumps(scores, indent=1))
+        log.info("digits-FD %.2f, class accuracy %.3f over %d samples", scores["digits_fd"],
+                 scores["class_accuracy"], scores["num_samples"])
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> None:
     try:
@@ -51,6 +83,7 @@ def main(raw: DictConfig) -> None:
     except ConfigError as err:
         log.error("config error: %s", err)
         sys.exit(2)
+    prepare_embedded_data(cfg)
     result = train(cfg)
     log.info("training %s at step %d (run dir %s)", result.status, result.step, result.run_dir)
     if result.status == "finished" and cfg.sample_at_end > 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -83,6 +84,6 @@ def _init_wandb(run_dir: Path, cfg: TrainConfig):
 
     id_file = run_dir / "wandb_id.txt"
     if not id_file.exists():
-        id_file.write_text(wandb.util.generate_id())
+        id_file.write_text(uuid.uuid4().hex[:12])  # one wandb run per run dir, across requeues
     return wandb.init(project=cfg.logging.project, dir=str(run_dir), id=id_file.read_text().strip(),
                       resume="allow", mode=cfg.logging.wandb, config=config_to_dict(cfg), name=run_dir.name)
