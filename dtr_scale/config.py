@@ -235,6 +235,9 @@ class TrainConfig:
                  f"{self.global_batch_size} is not divisible by world_size={self.world_size}")
         _require(self.model.learn_sigma == self.diffusion.learn_sigma, "diffusion.learn_sigma",
                  "must equal model.learn_sigma")
+        _require(not (self.phema_stds and self.backend.name == "deepspeed" and self.backend.zero_stage == 3),
+                 "phema_stds", "post-hoc EMA tracking does not support ZeRO-3's partitioned parameters yet; "
+                 "set phema_stds=[] or use backend.zero_stage 1/2 or backend=fsdp")
         split = self.world_size * self.backend.grad_accum
         _require(self.global_batch_size % split == 0, "global_batch_size",
                  f"{self.global_batch_size} is not divisible by world_size x backend.grad_accum = "

@@ -62,3 +62,16 @@ def test_cli_rejects_a_bad_override_before_training(tmp_path):
     assert run.returncode == 2
     assert "routing.beta: got 0.0, must be in (0, 1]" in run.stdout + run.stderr
     assert not (Path(tmp_path) / "run" / "checkpoints").exists()
+
+
+def test_backend_settings_are_checked_before_any_process_starts():
+    with pytest.raises(ConfigError, match=r"backend\.name: got 'horovod'"):
+        composed("backend.name=horovod")
+    with pytest.raises(ConfigError, match=r"backend\.zero_stage: got 4"):
+        composed("backend=deepspeed", "backend.zero_stage=4")
+    with pytest.raises(ConfigError, match=r"64 is not divisible by world_size=3"):
+        composed("global_batch_size=64", "world_size=3", "weighting=uniform")
+    with pytest.raises(ConfigError, match=r"not divisible by world_size x backend\.grad_accum = 2 x 3"):
+        composed("global_batch_size=64", "world_size=2", "backend.grad_accum=3", "weighting=uniform")
+    with pytest.raises(ConfigError, match=r"phema_stds: .*ZeRO-3"):
+        composed("backend=deepspeed", "backend.zero_stage=3")

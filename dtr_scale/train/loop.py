@@ -152,6 +152,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     objective = build_objective(cfg)
     module = DiffusionTrainModule(model, objective)
     ema = make_ema(model)
+    n_params = sum(p.numel() for p in model.parameters())  # before any sharding
     backend = make_backend(cfg, world)
     backend.setup(module, ema)
     phema = PosthocEMATracker(run_dir, model, cfg, world) if cfg.phema_stds else None
@@ -180,7 +181,6 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     metrics = MetricsLogger(run_dir, cfg, enabled=world.rank == 0)
     timer = StepTimer(cfg.device)
     if world.rank == 0:
-        n_params = sum(p.numel() for p in model.parameters())
         log.info("training %s (%.2fM params, routing=%s, weighting=%s) on %s x%d for %d steps, global batch %d",
                  cfg.model.name, n_params / 1e6, cfg.routing.kind, cfg.weighting.kind, cfg.backend.name,
                  world.size, cfg.steps, cfg.global_batch_size)

@@ -1,0 +1,98 @@
+"""End to end on a real single-node SLURM: 2-task gloo jobs of the stand-in
+trainer, submitted through submitit, preempted, time-limited and failing."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import submitit
+
+from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.launch.ledger import read_status
+from dtr_scale.launch.submit import submit_training
+from launch_helpers import ledger_states, results_within, sacct_states, wait_until
+from stand_in_trainer import StandInConfig, expected_state, logged_steps, read_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+STEPS = 20
+
+
+def debug_cluster(**overrides) -> ClusterConfig:
+    # A long limit: submitit calls any signal past min(0.8 x limit, limit - 10 min) a time-out.
+    fields = dict(kind="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=60,
+                  signal_delay_s=30)
+    return ClusterConfig(**(fields | overrides))
+
+
+def assert_trained_once_to(run_dir, steps: int) -> None:
+    """Every rank trained steps 1..steps exactly once, to the uninterrupted run's state."""
+    for rank in (0, 1):
+        assert logged_steps(run_dir, rank) == list(range(1, steps + 1))
+    assert read_checkpoint(run_dir) == {"step": steps, "state": expected_state(steps, world_size=2)}
+
+
+def test_two_task_job_trains_to_the_last_step(tmp_path):
+    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=STEPS)
+    job = submit_training(cfg, debug_cluster(), train_fn=train)
+    results = results_within(job, 90)
+    assert [(r.status, r.step) for r in results] == [("finished", STEPS)] * 2
+    assert_trained_once_to(cfg.run_dir, STEPS)
+    assert ledger_states(cfg.run_dir) == ["running", "finished"]
+
+
+def test_preempted_twice_resumes_without_training_a_step_twice(tmp_path):
+    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=STEPS)
+    job = submit_training(cfg, debug_cluster(), train_fn=train)
+
+    # 1: the preemption signal itself, as SLURM sends it.
+    wait_until(lambda: len(logged_steps(cfg.run_dir, 0)) >= 5, 60, "5 steps")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    wait_until(lambda: ledger_states(cfg.run_dir).count("running") == 2, 60, "the requeued job to start")
+
+    # 2: a job in the higher-priority partition needs the whole node.
+    wait_until(lambda: len(logged_steps(cfg.run_dir, 0)) >= 10, 60, "10 steps")
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null",
+                             "--wrap=sleep 1"], check=True, capture_output=True, text=True).stdout.strip()
+
+    results = results_within(job, 120)
+    assert [(r.status, r.step) for r in results] == [("finished", STEPS)] * 2
+    assert_trained_once_to(cfg.run_dir, STEPS)
+    status = read_status(cfg.run_dir)
+    requeued = [r for r in status["jobs"] if r["state"] == "requeued"]
+    assert [r["reason"] for r in requeued] == ["preempted", "preempted"]
+    assert 5 <= requeued[0]["end_step"] < requeued[1]["end_step"] < STEPS
+    assert (status["state"], status["step"], status["requeues"]) == ("finished", STEPS, 2)
+    wait_until(lambda: sacct_states(urgent) == ["COMPLETED"], 30, "the urgent job to complete")
+    wait_until(lambda: sacct_states(job.job_id)[-1] == "COMPLETED", 30, "sacct to show the job COMPLETED")
+    runs = sacct_states(job.job_id)
+    assert len(runs) == 3 and set(runs[:2]) <= {"REQUEUED", "PREEMPTED"}
+
+
+def test_time_limit_requeues_and_finishes(tmp_path):
+    # 160 x 0.25 s does not fit before USR2, which comes at the latest 30 s into a 1-minute job.
+    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=160, step_seconds=0.25)
+    job = submit_training(cfg, debug_cluster(time_min=1, signal_delay_s=30), train_fn=train)
+    results = results_within(job, 200)
+    assert [(r.status, r.step) for r in results] == [("finished", 160)] * 2
+    assert_trained_once_to(cfg.run_dir, 160)
+    requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
+    assert requeued and {r["reason"] for r in requeued} == {"time limit"}
+    assert "TIMEOUT" not in sacct_states(job.job_id)  # every stop came before SLURM's kill
+
+
+def test_failing_job_is_not_requeued_and_reports_its_error(tmp_path):
+    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=STEPS, fail_at_step=5)
+    job = submit_training(cfg, debug_cluster(), train_fn=train)
+    with pytest.raises(submitit.core.utils.FailedJobError, match="failed on purpose at step 5"):
+        results_within(job, 90)
+    status = read_status(cfg.run_dir)
+    assert status["state"] == "failed"
+    assert status["error"] == "RuntimeError: stand-in trainer failed on purpose at step 5"
+    assert status["log"].endswith(f"{job.job_id}_0_log.err")
+    assert ledger_states(cfg.run_dir).count("running") == 1
+    wait_until(lambda: sacct_states(job.job_id) == ["FAILED"], 30, "sacct to show the job FAILED")
+    time.sleep(2)  # a requeue would show as a second run
+    assert sacct_states(job.job_id) == ["FAILED"]
