@@ -128,3 +128,21 @@ def test_training_lowers_the_loss_and_samples_approach_the_data(tiny_config):
         # samples sit near their own class pattern, far from the others and from noise
         assert to_own_class < 0.5 * to_other_class
         assert to_own_class < 0.5 * noise_level
+
+
+def test_ema_export_loads_into_a_vanilla_model_without_the_trainer(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from dtr_scale.eval.sample import export_ema, load_model
+    from dtr_scale.models import create_model
+
+    cfg = tiny_config()
+    train(cfg)
+    out = export_ema(latest_checkpoint(cfg.run_dir), tmp_path / "ema.safetensors")
+    vanilla = create_model("DiT-S/2", input_size=8, num_classes=4, depth=2, hidden_size=64, num_heads=4)
+    vanilla.load_state_dict(load_file(str(out)), strict=True)
+    ema, _ = load_model(latest_checkpoint(cfg.run_dir), use_ema=True)
+    for name, value in ema.state_dict().items():
+        assert torch.equal(vanilla.state_dict()[name], value), name
+    trained, _ = load_model(latest_checkpoint(cfg.run_dir), use_ema=False)
+    assert not torch.equal(trained.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight)
