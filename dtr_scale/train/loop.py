@@ -208,8 +208,15 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
                 outs.append({k: v.detach() for k, v in out.items()})
             timer.start("optimizer")
             grad_norm = backend.clip_grad_norm(max_norm)
-            loss = _mean_over_ranks(torch.stack([o["loss"] for o in outs]).mean(), world)
-            interval_losses = _mean_over_ranks(torch.stack([o["interval_losses"] for o in outs]).nanmean(0), world)
+            # one all-reduce per step for every reported scalar: loss, unweighted loss, mse, vb, intervals
+            means = _mean_over_ranks(torch.cat([
+                torch.stack([o["loss"] for o in outs]).mean()[None],
+                torch.stack([o["mse"] + o["vb"] for o in outs]).mean()[None],
+                torch.stack([o["mse"] for o in outs]).mean()[None],
+                torch.stack([o["vb"] for o in outs]).mean()[None],
+                torch.stack([o["interval_losses"] for o in outs]).nanmean(0),
+            ]), world)
+            loss, unweighted, interval_losses = means[0], means[1].item(), means[4:]
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 message = (f"step {step}, rank {world.rank}: loss {loss.item()}, grad norm {grad_norm.item()}; "
                            f"interval losses {interval_losses.tolist()}")
@@ -226,7 +233,6 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
             step += 1
             counters.images_seen += cfg.global_batch_size
             loss_value = loss.item()
-            unweighted = _mean_over_ranks(torch.stack([o["mse"] + o["vb"] for o in outs]).mean(), world).item()
             _watch_spike(counters, unweighted, step, cfg)
             timer.start("checkpoint")
             if step % cfg.checkpoint.every == 0 or step == cfg.steps:
@@ -239,8 +245,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
             if step % cfg.logging.every == 0 or step == cfg.steps:
                 record = {
                     "step": step, "loss": loss_value, "unweighted_loss": unweighted,
-                    "mse": _mean_over_ranks(torch.stack([o["mse"] for o in outs]).mean(), world).item(),
-                    "vb": _mean_over_ranks(torch.stack([o["vb"] for o in outs]).mean(), world).item(),
+                    "mse": means[2].item(), "vb": means[3].item(),
                     "interval_losses": interval_losses.tolist(), "grad_norm": grad_norm.item(),
                     "lr": backend.param_groups[0]["lr"], "images_seen": counters.images_seen,
                     "skipped_steps": counters.skipped_steps, "loss_spikes": counters.loss_spikes,
