@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dtr_scale.launch.config import ClusterConfig
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names it."""
@@ -205,6 +207,52 @@ class LoggingConfig:
         _require(self.every >= 1, "logging.every", "must be >= 1")
 
 
+EVAL_AVERAGING = ("ema", "raw", "phema", "window")
+
+
+def parse_averaging(spec: str) -> tuple[str, float | None]:
+    """'ema' | 'raw' | 'phema:<sigma_rel>' | 'window:<k>' -> (kind, argument)."""
+    kind, _, arg = spec.partition(":")
+    _choice(kind, "eval.averaging", EVAL_AVERAGING)
+    needs_arg = kind in ("phema", "window")
+    _require(bool(arg) == needs_arg, "eval.averaging",
+             f"{spec!r}: write 'ema', 'raw', 'phema:<sigma_rel>' (e.g. phema:0.10) or 'window:<k checkpoints>'")
+    try:
+        value = float(arg) if needs_arg else None
+    except ValueError:
+        raise ConfigError(f"eval.averaging: {spec!r}: {arg!r} is not a number") from None
+    _require(value is None or value > 0, "eval.averaging", f"{spec!r}: the argument must be > 0")
+    return kind, value
+
+
+@dataclass
+class EvalConfig:
+    """How the evaluator scores a run's checkpoints. The sampler (DDPM/DDIM, steps, CFG
+    scale, guided channels) is `diffusion`'s."""
+
+    every: int = 50_000  # evaluate checkpoints at multiples of this step, and the latest one
+    num_samples: int = 50_000
+    batch_size: int = 64  # images per sampling batch, per process
+    labels: str = "balanced"  # balanced (i % num_classes) | random (seeded, like DiT's sample_ddp)
+    # Which weights each checkpoint is scored with: the trainer's per-step EMA, the raw
+    # weights, a post-hoc EMA reconstructed for sigma_rel, or the mean of the last k checkpoints.
+    averaging: list[str] = field(default_factory=lambda: ["ema"])
+    reference: str | None = None  # ADM reference batch (.npz); null with embedded data: the digits
+    inception: str | None = None  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
+    world_size: int = 1  # sampling processes per evaluation job
+    seed: int = 0  # sample i uses seed (seed, i): resumed or re-split jobs draw the same images
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "eval.every", "must be >= 1")
+        _require(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.world_size >= 1, "eval.world_size", "must be >= 1")
+        _choice(self.labels, "eval.labels", ("balanced", "random"))
+        _require(len(self.averaging) >= 1, "eval.averaging", "name at least one, e.g. [ema]")
+        for spec in self.averaging:
+            parse_averaging(spec)
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -217,6 +265,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig | None = None  # null: train in this process; else submit through submitit
     run_dir: str = "runs/default"
     seed: int = 0
     steps: int = 1000
@@ -233,6 +283,9 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         _require(self.global_batch_size % self.world_size == 0, "global_batch_size",
                  f"{self.global_batch_size} is not divisible by world_size={self.world_size}")
+        _require(self.cluster is None or self.cluster.world_size == self.world_size, "cluster.tasks_per_node",
+                 f"the cluster gives nodes x tasks_per_node = {self.cluster and self.cluster.world_size} processes "
+                 f"but world_size={self.world_size}; make them equal")
         _require(self.model.learn_sigma == self.diffusion.learn_sigma, "diffusion.learn_sigma",
                  "must equal model.learn_sigma")
         _require(not (self.phema_stds and self.backend.name == "deepspeed" and self.backend.zero_stage == 3),

@@ -72,12 +72,14 @@ def test_preempted_twice_resumes_without_training_a_step_twice(tmp_path):
 
 
 def test_time_limit_requeues_and_finishes(tmp_path):
-    # 160 x 0.25 s does not fit before USR2, which comes at the latest 30 s into a 1-minute job.
-    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=160, step_seconds=0.25)
-    job = submit_training(cfg, debug_cluster(time_min=1, signal_delay_s=30), train_fn=train)
-    results = results_within(job, 200)
-    assert [(r.status, r.step) for r in results] == [("finished", 160)] * 2
-    assert_trained_once_to(cfg.run_dir, 160)
+    # slurmctld checks time limits every 30 s, so USR2 comes 60 to 90 s before a 2-minute
+    # limit (30 to 60 s into the job: after the task has installed its handler). 300 x 0.25 s
+    # of training does not fit in one job.
+    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=300, step_seconds=0.25)
+    job = submit_training(cfg, debug_cluster(time_min=2, signal_delay_s=60), train_fn=train)
+    results = results_within(job, 330)
+    assert [(r.status, r.step) for r in results] == [("finished", 300)] * 2
+    assert_trained_once_to(cfg.run_dir, 300)
     requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
     assert requeued and {r["reason"] for r in requeued} == {"time limit"}
     assert "TIMEOUT" not in sacct_states(job.job_id)  # every stop came before SLURM's kill
