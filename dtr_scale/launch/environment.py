@@ -46,3 +46,12 @@ def export_distributed_env(job: submitit.JobEnvironment) -> dict[str, str]:
     env = job_distributed_env(job)
     os.environ.update(env)
     return env
+
+
+def threads_per_task(local_world_size: int, environ: dict[str, str] | None = None) -> int:
+    """CPU threads for one task: SLURM's cpus-per-task, else this machine's CPUs shared
+    among the node's tasks (several tasks each using every core slow each other down)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SLURM_CPUS_PER_TASK"):
+        return int(environ["SLURM_CPUS_PER_TASK"])
+    return max(1, len(os.sched_getaffinity(0)) // max(local_world_size, 1))

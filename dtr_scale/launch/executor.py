@@ -7,7 +7,7 @@ from pathlib import Path
 
 import submitit
 
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 
 # srun ends the whole step when one rank dies, so a crash on one rank cannot
 # leave the others blocked in a collective.

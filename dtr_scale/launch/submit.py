@@ -8,7 +8,7 @@ from typing import Any
 import submitit
 
 from dtr_scale.config import ConfigError
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 from dtr_scale.launch.executor import make_executor
 from dtr_scale.launch.task import TrainFn, TrainingTask
 

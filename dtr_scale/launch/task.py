@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Any
 
 import submitit
+import torch
 from submitit.core.utils import UncompletedJobError
 
-from dtr_scale.launch.environment import export_distributed_env
+from dtr_scale.launch.environment import export_distributed_env, threads_per_task
 from dtr_scale.launch.ledger import append_record, ledger_path, last_step, read_records
 from dtr_scale.launch.preemption import PreemptionSignal
 
@@ -33,7 +34,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> Any:
         job = submitit.JobEnvironment()
-        export_distributed_env(job)
+        env = export_distributed_env(job)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads_per_task(int(env["LOCAL_WORLD_SIZE"])))
         preemption = PreemptionSignal()
         run_dir, rank = self.cfg.run_dir, job.global_rank
         event = {"job_id": job.job_id, "requeues": self._requeue_count(), "start_step": self._start_step(),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
 
 from dtr_scale.config import CheckpointConfig
 
@@ -79,6 +80,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return path
         log.warning("skipping checkpoint %s: %s", path, problem)
     return None
+
+
+def require_complete(path: str | Path) -> None:
+    """Raise CheckpointError naming the missing or truncated file if checkpoint `path` is not
+    complete as its manifest entry records it (for loading one checkpoint by name, not "latest")."""
+    path = Path(path)
+    entry = next((e for e in read_manifest(path.parent.parent) if e["name"] == path.name), None)
+    if entry is None:
+        raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}: it was never completed "
+                              f"(a crash while writing?) or is not a dtr-scale checkpoint; pick a listed one")
+    problem = verify_checkpoint(path, entry)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; use an earlier checkpoint")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -161,11 +175,16 @@ class CheckpointManager:
     def load_latest(self) -> dict[str, Any] | None:
         """Load the newest complete checkpoint into the backend; its meta, or None for a fresh run."""
         path = latest_checkpoint(self.root.parent)
-        if path is None:
-            return None
+        return None if path is None else self.load(path)
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Load checkpoint `path` into the backend after checking its files against the manifest; its meta."""
+        require_complete(path)
         try:
             self.backend.load(path)
-        except Exception as err:
+        # DCP's CheckpointException derives from BaseException, so `except Exception` alone let
+        # an unreadable DCP checkpoint escape as a bare "CheckpointException ranks:dict_keys([0])"
+        except (Exception, CheckpointException) as err:
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
                                   f"move it aside to resume from the one before") from err
         return read_meta(path)

@@ -1,8 +1,13 @@
-"""`dtr-train`: train a DiT from the Hydra config in configs/ (overrides on the command line).
+"""`dtr-scale train` (= `dtr-train`): train a DiT from the Hydra config in configs/.
 
-    dtr-train                                   # the quick embedded run
-    dtr-train model=dit_l2 routing=dtr weighting=ant_uw weighting.num_intervals=8
+    dtr-train                                   # the embedded main job on the digits
+    dtr-train cluster=null world_size=1         # the same, in this process
+    dtr-train experiment=dtr_paper/dit_l2_dtr_antuw_2m cluster=my_slurm
     dtr-train --help                            # config groups and options
+
+With `cluster` set the run is submitted through submitit (local processes or
+SLURM); without it, it trains here (world_size local processes). Either way a
+run resumes from the latest complete checkpoint in its run_dir.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ import torch
 from omegaconf import DictConfig
 
 from dtr_scale.config import ConfigError, TrainConfig, to_train_config
+from dtr_scale.launch.follow import JobFailed, follow_job
+from dtr_scale.launch.submit import submit_training
 from dtr_scale.data.synthetic import SyntheticLatents
 from dtr_scale.eval.sample import sample_from_checkpoint
 from dtr_scale.train.checkpoint import latest_checkpoint
+from dtr_scale.train.local import run_processes
 from dtr_scale.train.loop import train
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -76,18 +84,52 @@ def write_images(cfg: TrainConfig, latents: torch.Tensor, labels: torch.Tensor, 
                  scores["class_accuracy"], scores["num_samples"])
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def main(raw: DictConfig) -> None:
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Jobs may start in another directory: pin the run's paths to this one."""
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    if cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+    return cfg
+
+
+def run_training(cfg: TrainConfig) -> None:
+    """Train `cfg` here or as a submitted job, then (when this process saw the end) sample."""
+    cfg = absolute_paths(cfg)
+    prepare_embedded_data(cfg)
+    if cfg.cluster is None:
+        if cfg.world_size == 1:
+            train(cfg)
+        else:
+            log.info("training on %d local processes (gloo)", cfg.world_size)
+            run_processes(cfg, cfg.world_size)
+    else:
+        job = submit_training(cfg, cfg.cluster)
+        log.info("submitted job %s (%s, %d processes); run dir %s", job.job_id, cfg.cluster.kind,
+                 cfg.world_size, cfg.run_dir)
+        if not cfg.cluster.follows:
+            log.info("follow it with: dtr-scale status %s", cfg.run_dir)
+            return
+        follow_job(job, cfg.run_dir, cfg.steps)
+    log.info("training finished at step %d (run dir %s)", cfg.steps, cfg.run_dir)
+    if cfg.sample_at_end > 0:
+        sample_at_end(cfg)
+
+
+def config_or_exit(raw: DictConfig) -> TrainConfig:
     try:
-        cfg = to_train_config(raw)
+        return to_train_config(raw)
     except ConfigError as err:
         log.error("config error: %s", err)
         sys.exit(2)
-    prepare_embedded_data(cfg)
-    result = train(cfg)
-    log.info("training %s at step %d (run dir %s)", result.status, result.step, result.run_dir)
-    if result.status == "finished" and cfg.sample_at_end > 0:
-        sample_at_end(cfg)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    try:
+        run_training(config_or_exit(raw))
+    except JobFailed as err:
+        log.error("%s", err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,27 @@ class StepTimer:
         return out
 
 
+def metrics_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The run's logged records, oldest first; a line cut short by a killed writer is dropped."""
+    path = metrics_path(run_dir)
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = metrics_path(run_dir)
         self.wandb = None
         if enabled and cfg.logging.wandb != "disabled":
             self.wandb = _init_wandb(run_dir, cfg)

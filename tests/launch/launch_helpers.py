@@ -11,7 +11,7 @@ from pathlib import Path
 import submitit
 from omegaconf import OmegaConf
 
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 from dtr_scale.launch.ledger import ledger_path, read_records
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "cluster"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dtr_scale.config import ConfigError
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 from launch_helpers import PRESETS, load_preset
 
 

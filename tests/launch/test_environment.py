@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dtr_scale.launch.environment import PORT_BASE, PORT_SPAN, distributed_env, master_port
+import os
+
+from dtr_scale.launch.environment import PORT_BASE, PORT_SPAN, distributed_env, master_port, threads_per_task
 
 
 def test_distributed_env_for_rank_9_of_16_on_two_nodes():
@@ -16,3 +18,10 @@ def test_master_port_is_per_job_and_stable():
     assert master_port("4242") == master_port("4242") == PORT_BASE + 4242
     assert master_port("4242") != master_port("4243")
     assert PORT_BASE <= master_port("98765_3") < PORT_BASE + PORT_SPAN  # array job ids
+
+
+def test_cpu_tasks_share_the_machine_unless_slurm_says_otherwise():
+    cpus = len(os.sched_getaffinity(0))
+    assert threads_per_task(1, {}) == cpus
+    assert threads_per_task(2 * cpus, {}) == 1  # never zero
+    assert threads_per_task(2, {"SLURM_CPUS_PER_TASK": "7"}) == 7

@@ -7,7 +7,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from dtr_scale.config import ConfigError
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 from dtr_scale.launch.submit import submit_training
 from dtr_scale.launch.executor import make_executor, max_requeues, requeue_budget
 from stand_in_trainer import StandInConfig

@@ -8,7 +8,7 @@ import signal
 import pytest
 import submitit
 
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 from dtr_scale.launch.ledger import read_status
 from dtr_scale.launch.submit import submit_training
 from launch_helpers import ledger_states, local_task_pids, results_within, wait_until

@@ -9,7 +9,7 @@ import time
 import pytest
 import submitit
 
-from dtr_scale.launch.config import ClusterConfig
+from dtr_scale.config import ClusterConfig
 from dtr_scale.launch.ledger import read_status
 from dtr_scale.launch.submit import submit_training
 from launch_helpers import ledger_states, results_within, sacct_states, wait_until
@@ -73,8 +73,8 @@ def test_preempted_twice_resumes_without_training_a_step_twice(tmp_path):
 
 def test_time_limit_requeues_and_finishes(tmp_path):
     # slurmctld checks time limits every 30 s, so USR2 comes 60 to 90 s before a 2-minute
-    # limit (30 to 60 s into the job: after the task has installed its handler). 300 x 0.25 s
-    # of training does not fit in one job.
+    # limit (30 to 60 s into the job: after the task has installed its handler; seen here at
+    # 48 and 52 s). 300 x 0.25 s of training does not fit in one job.
     cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=300, step_seconds=0.25)
     job = submit_training(cfg, debug_cluster(time_min=2, signal_delay_s=60), train_fn=train)
     results = results_within(job, 330)

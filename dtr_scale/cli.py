@@ -1,0 +1,101 @@
+"""`dtr-scale`: one command for the whole workflow.
+
+    dtr-scale prep   images|merge|verify|digits ...   latent shards from images (dtr-prep)
+    dtr-scale train  [hydra overrides]                train, here or as a SLURM/local job (dtr-train)
+    dtr-scale eval   run_dir=RUN [hydra overrides]    score a run's checkpoints, or watch it
+    dtr-scale plan   [hydra overrides]                what a run will cost, before submitting it
+    dtr-scale status RUN_DIR                          jobs, checkpoint, throughput, results
+    dtr-scale export CHECKPOINT OUT.safetensors       the EMA weights for a vanilla DiT
+
+`dtr-scale SUBCOMMAND --help` shows each one's options (for the Hydra ones: the
+config groups and an example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+log = logging.getLogger("dtr_scale")
+
+
+def _prep() -> None:
+    from data_prep.cli import main
+
+    main()
+
+
+def _train() -> None:
+    from dtr_scale.train.cli import main
+
+    main()
+
+
+def _eval() -> None:
+    from dtr_scale.eval.cli import main
+
+    main()
+
+
+def _plan() -> None:
+    from dtr_scale.plan.cli import main
+
+    main()
+
+
+def _status() -> None:
+    parser = argparse.ArgumentParser(prog="dtr-scale status", description="Show a run's jobs, its last complete "
+                                     "checkpoint, throughput and evaluation results.")
+    parser.add_argument("run_dir", help="the run's directory (its run_dir)")
+    args = parser.parse_args()
+    from dtr_scale.eval.results import results_table
+    from dtr_scale.launch.status import format_status, run_status
+
+    try:
+        status = run_status(args.run_dir)
+    except FileNotFoundError as err:
+        sys.exit(f"dtr-scale status: {err}")
+    print(format_status(status, results_table(args.run_dir)))
+    sys.exit(1 if status["state"] == "failed" else 0)
+
+
+def _export() -> None:
+    parser = argparse.ArgumentParser(prog="dtr-scale export", description="Write a checkpoint's EMA weights as one "
+                                     "safetensors file with the official DiT parameter names.")
+    parser.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run dir (its latest)")
+    parser.add_argument("out", help="the .safetensors file to write")
+    args = parser.parse_args()
+    from pathlib import Path
+
+    from dtr_scale.eval.sample import export_ema
+    from dtr_scale.train.checkpoint import CheckpointError, latest_checkpoint
+
+    source = Path(args.checkpoint)
+    if (source / "checkpoints").is_dir():
+        source = latest_checkpoint(source)
+        if source is None:
+            sys.exit(f"dtr-scale export: {args.checkpoint} has no complete checkpoint")
+    try:
+        print(export_ema(source, args.out))
+    except (CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"dtr-scale export: {err}")
+
+
+COMMANDS: dict[str, Callable[[], None]] = {
+    "prep": _prep, "train": _train, "eval": _eval, "plan": _plan, "status": _status, "export": _export,
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") else 2)
+    command = sys.argv.pop(1)
+    sys.argv[0] = f"dtr-scale {command}"
+    COMMANDS[command]()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The hardware figures the planner works from (`calibration.yaml`, shipped with
+this package): GPU memory and peak throughput, measured or estimated training
+images/s per (GPU, model, precision, compile), and the assumptions used where
+nothing was measured. Every figure carries its source.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dtr_scale.config import BackendConfig, ConfigError, ModelConfig, TrainConfig
+
+CALIBRATION_FILE = files("dtr_scale.plan") / "calibration.yaml"
+FORWARDS_PER_TRAINING_STEP = 3  # backward costs about two forwards (Kaplan et al. 2020, C = 6N per token)
+FORWARDS_WITH_RECOMPUTE = 4  # activation checkpointing runs every block's forward once more
+
+
+@dataclass(frozen=True)
+class GPUType:
+    name: str
+    memory_gb: float | None  # None: not checked (CPU)
+    peak_tflops: dict[str, float]  # dense, per precision key (bf16 | tf32 | fp32)
+    nvlink_busbw_gbs: float | None  # all-reduce bus bandwidth between GPUs of one node
+    source: str
+
+
+@dataclass(frozen=True)
+class Throughput:
+    images_per_s: float | None  # training images/s per GPU; None: unknown
+    source: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    gpus: dict[str, GPUType]
+    aliases: dict[str, str]
+    assumed_mfu: dict[str, float]
+    inter_node_busbw_gbs: float
+    multi_node_source: str
+    reserve_gb: float
+    entries: list[dict[str, Any]]
+
+
+def load_calibration(path: str | Path | None = None) -> Calibration:
+    raw = yaml.safe_load((Path(path) if path else CALIBRATION_FILE).read_text())
+    gpus = {name: GPUType(name, g["memory_gb"], g["peak_tflops"] or {}, g.get("nvlink_busbw_gbs"), g["source"])
+            for name, g in raw["gpus"].items()}
+    return Calibration(gpus=gpus, aliases=raw["aliases"], assumed_mfu=raw["assumed_mfu"]["values"],
+                       inter_node_busbw_gbs=raw["inter_node"]["busbw_gbs"], multi_node_source=raw["inter_node"]["source"],
+                       reserve_gb=raw["reserve_gb"], entries=raw["throughput"])
+
+
+def precision_key(backend: BackendConfig, gpu: str) -> str:
+    """bf16 (autocast), tf32 (fp32 weights and TF32 matmuls, GPUs only) or fp32."""
+    if backend.precision == "bf16":
+        return "bf16"
+    return "tf32" if backend.tf32 and gpu != "cpu" else "fp32"
+
+
+def model_key(model: ModelConfig) -> str:
+    """'DiT-L/2' for a preset at 256 px (32 x 32 latents); the preset and its changes otherwise."""
+    changes = {"input_size": model.input_size} if model.input_size != 32 else {}
+    changes.update(model.overrides())
+    return model.name + ("[" + ",".join(f"{k}={v}" for k, v in changes.items()) + "]" if changes else "")
+
+
+def mfu_key(precision: str, compiled: bool) -> str:
+    return f"{precision}_compiled" if compiled and precision == "bf16" else precision
+
+
+def estimated_images_per_s(forward_macs: int, peak_tflops: float, mfu: float) -> float:
+    # images/s = MFU x peak FLOP/s / (3 forwards x 2 FLOPs per MAC x MACs per image)
+    return mfu * peak_tflops * 1e12 / (FORWARDS_PER_TRAINING_STEP * 2 * forward_macs)
+
+
+def find_entry(cal: Calibration, gpu: str, model: str, precision: str, compiled: bool) -> dict[str, Any] | None:
+    for entry in cal.entries:
+        if (entry["gpu"], entry["model"], entry["precision"], bool(entry["compile"])) == (gpu, model, precision, compiled):
+            return entry
+    return None
+
+
+def training_throughput(cal: Calibration, gpu: str, model: str, precision: str, compiled: bool,
+                        forward_macs: int) -> Throughput:
+    """Training images/s per GPU: the table's entry, else an estimate from FLOPs and the assumed MFU."""
+    entry = find_entry(cal, gpu, model, precision, compiled)
+    if entry is not None:
+        return Throughput(float(entry["images_per_s"]), f"calibration.yaml: {entry['source']}")
+    peak = cal.gpus[gpu].peak_tflops.get(precision)
+    if peak is None:
+        return Throughput(None, f"unknown: calibration.yaml has no entry for ({gpu}, {model}, {precision}, "
+                                f"compile={compiled}) and no peak for {gpu}; measure it with "
+                                "dtr_scale.plan.calibration.measure_images_per_s and add an entry")
+    mfu = cal.assumed_mfu[mfu_key(precision, compiled)]
+    return Throughput(estimated_images_per_s(forward_macs, peak, mfu),
+                      f"estimated, not measured: {forward_macs / 1e9:.1f} GMACs x 2 x {FORWARDS_PER_TRAINING_STEP} "
+                      f"per image at an assumed {mfu:.0%} MFU of {gpu} {precision} peak {peak:g} TFLOPS")
+
+
+def resolve_gpu_name(cal: Calibration, token: str) -> str | None:
+    name = token.strip().lower().replace("-", "_")
+    name = cal.aliases.get(name, name)
+    return name if name in cal.gpus else None
+
+
+def gpus_in_constraint(cal: Calibration, constraint: str | None) -> list[str]:
+    """Known GPU types named in a SLURM --constraint expression (e.g. "a100|h100")."""
+    tokens = re.split(r"[|&,()\[\]*\s]+", constraint or "")
+    return sorted({g for g in (resolve_gpu_name(cal, t) for t in tokens if t) if g is not None})
+
+
+def choose_gpu(cfg: TrainConfig, cal: Calibration, requested: str | None = None) -> tuple[str, str]:
+    """(GPU type, why): the planner argument, cluster.gpu_type, cluster.constraint, CPU, or an H100 assumed."""
+    cluster = cfg.cluster
+    named = requested or (getattr(cluster, "gpu_type", None) if cluster is not None else None)
+    if named:
+        gpu = resolve_gpu_name(cal, named)
+        if gpu is None:
+            raise ConfigError(f"gpu_type: {named!r} is not in calibration.yaml; use one of {', '.join(cal.gpus)} "
+                              "or add the GPU there")
+        return gpu, "as asked"
+    if cfg.device == "cpu" or (cluster is not None and cluster.gpus_per_node == 0):
+        return "cpu", "device=cpu"
+    in_constraint = gpus_in_constraint(cal, cluster.constraint if cluster else None)
+    if in_constraint:
+        slowest = min(in_constraint, key=lambda g: (cal.gpus[g].peak_tflops.get("bf16", 0), cal.gpus[g].memory_gb))
+        return slowest, (f"from cluster.constraint={cluster.constraint!r}" if len(in_constraint) == 1 else
+                         f"the slowest and smallest of {', '.join(in_constraint)} in cluster.constraint")
+    return "h100", "ASSUMED: cluster.constraint names no known GPU; ask the planner for another type"
+
+
+def measure_images_per_s(cfg: TrainConfig, steps: int = 10, warmup: int = 3) -> float:
+    """Training images/s of one process on cfg.device at the config's per-GPU batch: forward,
+    backward and AdamW step of the configured model and loss, with the backend's speed switches."""
+    from dtr_scale.train.components import build_model, build_objective, build_optimizer
+    from dtr_scale.train.speed import apply_speed_switches, autocast
+
+    device = torch.device(cfg.device)
+    model, objective = build_model(cfg).to(device), build_objective(cfg).to(device)
+    apply_speed_switches(model, cfg.backend)
+    optimizer = build_optimizer(model, objective, cfg)
+    batch, m = cfg.micro_batch_size, cfg.model
+    x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device)
+    y = torch.randint(0, m.num_classes, (batch,), device=device)
+
+    def step() -> None:
+        t = objective.sample_timesteps(batch).to(device)
+        with autocast(cfg.backend, device.type):
+            loss = objective(model, x0, y, t, torch.randn_like(x0)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)

@@ -1,0 +1,95 @@
+"""The real trainer as a submitit job: 2 gloo tasks of a tiny DiT with DTR + ANT-UW,
+stopped by a time limit (local executor) and by two preemptions (SLURM), reaching the
+uninterrupted job's weights bit for bit without training any step twice."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from dtr_scale.config import TrainConfig, to_train_config
+from dtr_scale.eval.sample import load_model
+from dtr_scale.config import ClusterConfig
+from dtr_scale.launch.ledger import read_status
+from dtr_scale.launch.submit import submit_training
+from dtr_scale.train.checkpoint import latest_checkpoint
+from dtr_scale.train.metrics import read_metrics
+from launch_helpers import ledger_states, results_within, wait_until
+
+
+def tiny_run(run_dir, steps: int) -> TrainConfig:
+    return to_train_config({
+        "model": {"name": "DiT-S/2", "input_size": 8, "in_channels": 4, "num_classes": 4,
+                  "depth": 2, "hidden_size": 64, "num_heads": 4},
+        "routing": {"kind": "dtr"}, "weighting": {"kind": "ant_uw", "num_intervals": 4},
+        "optimizer": {"lr": 1e-3}, "data": {"kind": "synthetic", "num_samples": 256},
+        "run_dir": str(run_dir), "steps": steps, "global_batch_size": 16, "world_size": 2, "ema_decay": 0.9,
+        "sample_at_end": 0, "checkpoint": {"every": 10_000},  # only stops and the end write one
+        "logging": {"every": 1, "wandb": "disabled"},  # one metrics line per step trained
+    })
+
+
+def trained_steps(run_dir) -> list[int]:
+    return [r["step"] for r in read_metrics(run_dir)]
+
+
+def final_weights(run_dir) -> dict[str, dict[str, torch.Tensor]]:
+    ckpt = latest_checkpoint(run_dir)
+    return {name: load_model(ckpt, use_ema=ema)[0].state_dict() for name, ema in (("model", False), ("ema", True))}
+
+
+def assert_same_weights(run_dir, reference_dir) -> None:
+    ours, reference = final_weights(run_dir), final_weights(reference_dir)
+    for name in ("model", "ema"):
+        unequal = [k for k, v in reference[name].items() if not torch.equal(ours[name][k], v)]
+        assert not unequal, f"{name} weights differ from the uninterrupted job's: {unequal[:5]}"
+
+
+def run_to_end(cfg: TrainConfig, cluster: ClusterConfig, timeout_s: float) -> list:
+    return results_within(submit_training(cfg, cluster), timeout_s)
+
+
+def test_local_job_through_time_limits_matches_the_uninterrupted_job(tmp_path):
+    steps = 300
+    reference = tiny_run(tmp_path / "reference", steps)
+    run_to_end(reference, ClusterConfig(kind="local", tasks_per_node=2, time_min=60, signal_delay_s=30), 300)
+    assert trained_steps(reference.run_dir) == list(range(1, steps + 1))
+
+    # A 1-minute limit with the signal 45 s early: each job trains ~15 s, then stops and requeues.
+    cfg = tiny_run(tmp_path / "run", steps)
+    cluster = ClusterConfig(kind="local", tasks_per_node=2, time_min=1, signal_delay_s=45)
+    results = run_to_end(cfg, cluster, 300)
+    assert [(r.status, r.step) for r in results] == [("finished", steps)] * 2
+    status = read_status(cfg.run_dir)
+    requeued = [r for r in status["jobs"] if r["state"] == "requeued"]
+    assert requeued and {r["reason"] for r in requeued} == {"time limit"}
+    assert trained_steps(cfg.run_dir) == list(range(1, steps + 1))  # none twice, none skipped
+    assert_same_weights(cfg.run_dir, reference.run_dir)
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_job_preempted_twice_matches_the_uninterrupted_job(tmp_path):
+    steps = 300
+    cluster = ClusterConfig(kind="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=60,
+                            signal_delay_s=30)
+    reference = tiny_run(tmp_path / "reference", steps)
+    run_to_end(reference, cluster, 300)
+
+    cfg = tiny_run(tmp_path / "run", steps)
+    job = submit_training(cfg, cluster)
+    wait_until(lambda: len(trained_steps(cfg.run_dir)) >= 60, 120, "60 steps")
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # what a preemption sends
+    wait_until(lambda: ledger_states(cfg.run_dir).count("running") == 2, 60, "the requeued job to start")
+    wait_until(lambda: len(trained_steps(cfg.run_dir)) >= 150, 120, "150 steps")
+    subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null",
+                    "--wrap=sleep 1"], check=True, capture_output=True)  # a job that needs the whole node
+
+    results = results_within(job, 300)
+    assert [(r.status, r.step) for r in results] == [("finished", steps)] * 2
+    requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
+    assert [r["reason"] for r in requeued] == ["preempted", "preempted"]
+    assert 60 <= requeued[0]["end_step"] < requeued[1]["end_step"] < steps
+    assert trained_steps(cfg.run_dir) == list(range(1, steps + 1))
+    assert_same_weights(cfg.run_dir, reference.run_dir)

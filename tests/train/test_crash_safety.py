@@ -1,0 +1,221 @@
+"""Crash safety of DCP checkpoints (ddp backend): a process SIGKILLed in the middle of
+writing checkpoint k leaves the one before as "latest", and resuming from it reaches
+the weights of a run that was never killed; a truncated, missing or corrupted file in
+a checkpoint is detected, and the error names it.
+
+The killed runs are this file run as a script in child processes (one per rank).
+Inside them DCP's file writer is patched to write the first tensor of checkpoint k,
+flush it, tell the test through a file, and hang, so the SIGKILL lands mid-write every
+time rather than by luck of timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtr_scale.eval.sample import load_model
+from dtr_scale.train.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_name,
+    latest_checkpoint,
+    read_manifest,
+    read_meta,
+    require_complete,
+)
+from dtr_scale.train.components import config_from_dict, config_to_dict
+from dtr_scale.train.local import free_port, run_processes
+from dtr_scale.train.loop import train
+
+EVERY, KILL_AT, STEPS = 2, 4, 6
+REPO = Path(__file__).resolve().parents[2]
+
+
+# --- the child: train until the write of checkpoint KILL_AT is under way, then hang ---------
+
+def hang_mid_write(step: int, signal_file: Path) -> None:
+    """Patch DCP so that writing checkpoint `step` stops after its first tensor, on disk."""
+    from torch.distributed.checkpoint import filesystem
+
+    real_write_item = filesystem._write_item
+    partial = f"{checkpoint_name(step)}.partial"
+
+    def write_item(transforms, stream, *args, **kwargs):
+        result = real_write_item(transforms, stream, *args, **kwargs)
+        if partial in Path(stream.name).parts:
+            stream.flush()
+            signal_file.touch()
+            threading.Event().wait()  # until the test's SIGKILL
+        return result
+
+    filesystem._write_item = write_item
+
+
+def child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])  # the test process's count: same arithmetic, bitwise
+    hang_mid_write(KILL_AT, Path(f"{spec['signal']}.{os.environ['RANK']}"))
+    train(config_from_dict(spec["config"]))
+    sys.exit(f"training finished without ever writing checkpoint {KILL_AT}")
+
+
+# --- the test side ---------------------------------------------------------------------
+
+def kill_mid_write(cfg, tmp_path: Path, threads: int) -> None:
+    """Run `cfg` on cfg.world_size child processes and SIGKILL them all once every rank is
+    in the middle of writing checkpoint KILL_AT."""
+    spec = {"config": config_to_dict(cfg), "signal": str(tmp_path / "writing"), "threads": threads}
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    port, n = free_port(), cfg.world_size
+    procs = []
+    for rank in range(n):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        with open(tmp_path / f"child.{rank}.log", "w") as log:  # a file, not a pipe a chatty child could fill
+            procs.append(subprocess.Popen([sys.executable, __file__, str(spec_path)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    writing = [tmp_path / f"writing.{rank}" for rank in range(n)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(f.exists() for f in writing):
+            for rank, p in enumerate(procs):
+                assert p.poll() is None, (tmp_path / f"child.{rank}.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "the children never reached the write of checkpoint KILL_AT"
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * n
+
+
+def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
+    """Model and EMA weights of the run's latest checkpoint, read as the evaluator reads them."""
+    path = latest_checkpoint(run_dir)
+    return {f"{which}.{name}": value for which in ("model", "ema")
+            for name, value in load_model(path, use_ema=which == "ema")[0].state_dict().items()}
+
+
+def logged_losses(run_dir: str) -> list[tuple[int, float]]:
+    """(step, loss) of every metrics record, the killed run's and then the resumed run's."""
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))]
+
+
+def assert_killed_mid_write(run_dir: str) -> None:
+    """Checkpoint KILL_AT is a partial directory with tensor data but no DCP metadata, and
+    cannot be loaded by name; the one before is the latest, complete and loadable."""
+    partial = checkpoint_dir(run_dir) / f"{checkpoint_name(KILL_AT)}.partial"
+    assert [e["step"] for e in read_manifest(run_dir)] == [KILL_AT - EVERY]
+    latest = latest_checkpoint(run_dir)
+    assert latest.name == checkpoint_name(KILL_AT - EVERY)
+    shards = sorted(partial.glob("*.distcp"))
+    assert shards, sorted(partial.iterdir())
+    for shard in shards:  # each rank's file holds some tensors, fewer than a complete checkpoint's
+        assert 0 < shard.stat().st_size < (latest / shard.name).stat().st_size, shard
+    assert not (partial / ".metadata").exists()  # DCP writes it last, after every rank's data
+    with pytest.raises(CheckpointError, match=f"{partial.name} is not listed"):
+        require_complete(partial)
+    require_complete(latest)
+    assert read_meta(latest)["step"] == KILL_AT - EVERY
+    load_model(latest)
+
+
+def crash_config(tiny_config, run_dir: Path, steps: int = STEPS, **overrides):
+    # no post-hoc EMA: its snapshots are not DCP's to write, and they cost time here
+    return tiny_config(run_dir=str(run_dir), steps=steps, phema_stds=[],
+                       **{"checkpoint.every": EVERY, "logging.every": 1, **overrides})
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["async_save", "sync_save"])
+def test_sigkill_while_writing_leaves_the_previous_checkpoint_and_resume_is_bitwise(tiny_config, tmp_path, async_save):
+    straight = crash_config(tiny_config, tmp_path / "straight", **{"checkpoint.async_save": async_save})
+    train(straight)
+    killed = crash_config(tiny_config, tmp_path / "killed", **{"checkpoint.async_save": async_save})
+    kill_mid_write(killed, tmp_path, threads=torch.get_num_threads())
+    assert_killed_mid_write(killed.run_dir)
+
+    resumed = train(killed)
+    assert (resumed.status, resumed.step) == ("finished", STEPS)
+    assert not list(checkpoint_dir(killed.run_dir).glob("*.partial"))  # the crashed attempt was replaced
+    resumed_losses = logged_losses(killed.run_dir)[-(STEPS - KILL_AT + EVERY):]
+    assert resumed_losses == logged_losses(straight.run_dir)[KILL_AT - EVERY:]
+    want = final_weights(straight.run_dir)
+    for name, value in final_weights(killed.run_dir).items():
+        assert torch.equal(value, want[name]), name
+
+
+def test_sigkill_of_both_ranks_while_writing_then_resume_on_two_ranks(tiny_config, tmp_path):
+    cfg = crash_config(tiny_config, tmp_path / "killed", world_size=2)
+    kill_mid_write(cfg, tmp_path, threads=1)
+    assert_killed_mid_write(cfg.run_dir)
+    assert len(list((checkpoint_dir(cfg.run_dir) / f"{checkpoint_name(KILL_AT)}.partial").glob("*.distcp"))) == 2
+
+    run_processes(cfg, 2)
+    assert latest_checkpoint(cfg.run_dir).name == checkpoint_name(STEPS)
+    # the async write hung in the background while the killed run went on training and
+    # logging: the resumed run retraces those steps bitwise (DDP x2 -> DDP x2)
+    records = logged_losses(cfg.run_dir)
+    resumed = dict(records[-(STEPS - KILL_AT + EVERY):])
+    killed = dict(records[:-(STEPS - KILL_AT + EVERY)])
+    assert list(resumed) == list(range(KILL_AT - EVERY + 1, STEPS + 1))
+    overlap = [s for s in resumed if s in killed]
+    assert overlap[:1] == [KILL_AT - EVERY + 1]  # logged before the killed write began, at least
+    assert [resumed[s] for s in overlap] == [killed[s] for s in overlap]
+
+
+# --- damaged files in a complete checkpoint --------------------------------------------
+
+def train_two_checkpoints(tiny_config, tmp_path: Path):
+    cfg = crash_config(tiny_config, tmp_path / "run", steps=2 * EVERY)
+    train(cfg)
+    return cfg, latest_checkpoint(cfg.run_dir)
+
+
+def test_a_missing_file_is_named_and_resume_takes_the_checkpoint_before(tiny_config, tmp_path):
+    cfg, damaged = train_two_checkpoints(tiny_config, tmp_path)
+    shard = next(damaged.glob("*.distcp"))
+    shard.unlink()
+
+    assert latest_checkpoint(cfg.run_dir).name == checkpoint_name(EVERY)
+    with pytest.raises(CheckpointError, match=f"{shard} is missing"):
+        require_complete(damaged)
+    resumed = train(cfg)  # from step EVERY, writing the damaged checkpoint anew
+    assert resumed.step == 2 * EVERY
+    assert latest_checkpoint(cfg.run_dir) == damaged
+    require_complete(damaged)
+
+
+def test_a_truncated_file_is_named_when_its_checkpoint_is_loaded_by_name(tiny_config, tmp_path):
+    # that "latest" and resume pass over it: test_loop.py::test_latest_ignores_a_truncated_checkpoint
+    _, damaged = train_two_checkpoints(tiny_config, tmp_path)
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{shard} has 1000 bytes, the manifest recorded \\d+ \\(truncated"):
+        require_complete(damaged)
+
+
+def test_a_corrupted_file_of_the_right_size_fails_the_resume_with_a_checkpoint_error(tiny_config, tmp_path):
+    cfg = crash_config(tiny_config, tmp_path / "run", steps=EVERY)
+    train(cfg)
+    damaged = latest_checkpoint(cfg.run_dir)
+    shard = next(damaged.glob("*.distcp"))
+    shard.write_bytes(bytes(shard.stat().st_size))  # same size, zeros: no size check can see it
+    assert latest_checkpoint(cfg.run_dir) == damaged
+    with pytest.raises(CheckpointError, match=f"(?s){damaged} could not be loaded.*move it aside"):
+        train(dataclasses.replace(cfg, steps=2 * EVERY))
+
+
+if __name__ == "__main__":
+    child(sys.argv[1])
