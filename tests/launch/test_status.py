@@ -1,0 +1,52 @@
+"""`dtr-scale status RUN_DIR`: what a run's directory says about its jobs, checkpoint and speed."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtr_scale.config import to_train_config
+from dtr_scale.launch.ledger import append_record
+from dtr_scale.launch.status import format_status, run_status
+from dtr_scale.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("status") / "run"
+    train(to_train_config({
+        "model": {"name": "DiT-S/2", "input_size": 8, "in_channels": 4, "num_classes": 4, "depth": 1,
+                  "hidden_size": 32, "num_heads": 2},
+        "data": {"kind": "synthetic", "num_samples": 64}, "run_dir": str(run_dir), "steps": 6,
+        "global_batch_size": 8, "weighting": {"num_intervals": 4}, "checkpoint": {"every": 4},
+        "logging": {"every": 3, "wandb": "disabled"}, "sample_at_end": 0,
+    }))
+    return run_dir
+
+
+def test_a_run_trained_in_process_shows_its_checkpoint_and_speed(trained_run):
+    status = run_status(trained_run)
+    assert status["state"] == "not launched (trained in-process)" and status["jobs"] == []
+    assert status["checkpoint_step"] == 6 and status["checkpoint"].endswith("step_00000006")
+    assert status["last_logged"]["step"] == 6 and status["last_logged"]["images_seen"] == 48
+    text = format_status(status)
+    assert "(step 6)" in text and "48 images seen" in text
+
+
+def test_a_failed_job_shows_its_error_log_and_requeues(trained_run):
+    append_record(trained_run, "running", job_id="77", requeues=0, start_step=0, log="/logs/77_0_log.err")
+    append_record(trained_run, "requeued", job_id="77", requeues=0, start_step=0, end_step=4, reason="preempted")
+    append_record(trained_run, "running", job_id="77", requeues=1, start_step=4, log="/logs/77_0_log.err")
+    append_record(trained_run, "failed", job_id="77", requeues=1, start_step=4, rank=0,
+                  error="RuntimeError: loss is NaN at step 5", log="/logs/77_0_log.err")
+    status = run_status(trained_run)
+    assert (status["state"], status["job_id"], status["requeues"]) == ("failed", "77", 1)
+    text = format_status(status, results="| step | digits_fd |")
+    assert "error      RuntimeError: loss is NaN at step 5" in text
+    assert "log        /logs/77_0_log.err" in text
+    assert "requeued  start_step=0 end_step=4 reason=preempted" in text
+    assert text.endswith("evaluation:\n| step | digits_fd |")
+
+
+def test_a_missing_run_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run directory at .*nowhere"):
+        run_status(tmp_path / "nowhere")
