@@ -17,6 +17,8 @@ import torch
 import yaml
 
 from dtr_scale.config import BackendConfig, ConfigError, ModelConfig, TrainConfig
+from dtr_scale.train.components import build_model, build_objective, build_optimizer
+from dtr_scale.train.speed import apply_speed_switches, autocast
 
 CALIBRATION_FILE = files("dtr_scale.plan") / "calibration.yaml"
 FORWARDS_PER_TRAINING_STEP = 3  # backward costs about two forwards (Kaplan et al. 2020, C = 6N per token)
@@ -26,7 +28,7 @@ FORWARDS_WITH_RECOMPUTE = 4  # activation checkpointing runs every block's forwa
 @dataclass(frozen=True)
 class GPUType:
     name: str
-    memory_gb: float | None  # None: not checked (CPU)
+    memory_gib: float | None  # None: not checked (CPU)
     peak_tflops: dict[str, float]  # dense, per precision key (bf16 | tf32 | fp32)
     nvlink_busbw_gbs: float | None  # all-reduce bus bandwidth between GPUs of one node
     source: str
@@ -44,18 +46,17 @@ class Calibration:
     aliases: dict[str, str]
     assumed_mfu: dict[str, float]
     inter_node_busbw_gbs: float
-    multi_node_source: str
-    reserve_gb: float
+    reserve_gib: float
     entries: list[dict[str, Any]]
 
 
 def load_calibration(path: str | Path | None = None) -> Calibration:
     raw = yaml.safe_load((Path(path) if path else CALIBRATION_FILE).read_text())
-    gpus = {name: GPUType(name, g["memory_gb"], g["peak_tflops"] or {}, g.get("nvlink_busbw_gbs"), g["source"])
+    gpus = {name: GPUType(name, g["memory_gib"], g["peak_tflops"] or {}, g["nvlink_busbw_gbs"], g["source"])
             for name, g in raw["gpus"].items()}
     return Calibration(gpus=gpus, aliases=raw["aliases"], assumed_mfu=raw["assumed_mfu"]["values"],
-                       inter_node_busbw_gbs=raw["inter_node"]["busbw_gbs"], multi_node_source=raw["inter_node"]["source"],
-                       reserve_gb=raw["reserve_gb"], entries=raw["throughput"])
+                       inter_node_busbw_gbs=raw["inter_node"]["busbw_gbs"], reserve_gib=raw["reserve_gib"],
+                       entries=raw["throughput"])
 
 
 def precision_key(backend: BackendConfig, gpu: str) -> str:
@@ -82,10 +83,8 @@ def estimated_images_per_s(forward_macs: int, peak_tflops: float, mfu: float) ->
 
 
 def find_entry(cal: Calibration, gpu: str, model: str, precision: str, compiled: bool) -> dict[str, Any] | None:
-    for entry in cal.entries:
-        if (entry["gpu"], entry["model"], entry["precision"], bool(entry["compile"])) == (gpu, model, precision, compiled):
-            return entry
-    return None
+    key = (gpu, model, precision, compiled)
+    return next((e for e in cal.entries if (e["gpu"], e["model"], e["precision"], bool(e["compile"])) == key), None)
 
 
 def training_throughput(cal: Calibration, gpu: str, model: str, precision: str, compiled: bool,
@@ -118,31 +117,27 @@ def gpus_in_constraint(cal: Calibration, constraint: str | None) -> list[str]:
 
 
 def choose_gpu(cfg: TrainConfig, cal: Calibration, requested: str | None = None) -> tuple[str, str]:
-    """(GPU type, why): the planner argument, cluster.gpu_type, cluster.constraint, CPU, or an H100 assumed."""
+    """(GPU type, why): the one asked for, else cluster.constraint's, CPU, or an H100 assumed."""
     cluster = cfg.cluster
-    named = requested or (getattr(cluster, "gpu_type", None) if cluster is not None else None)
-    if named:
-        gpu = resolve_gpu_name(cal, named)
+    if requested:
+        gpu = resolve_gpu_name(cal, requested)
         if gpu is None:
-            raise ConfigError(f"gpu_type: {named!r} is not in calibration.yaml; use one of {', '.join(cal.gpus)} "
-                              "or add the GPU there")
+            raise ConfigError(f"--gpu: {requested!r} is not a GPU type in calibration.yaml; use one of "
+                              f"{', '.join(cal.gpus)} or add the GPU there")
         return gpu, "as asked"
     if cfg.device == "cpu" or (cluster is not None and cluster.gpus_per_node == 0):
         return "cpu", "device=cpu"
     in_constraint = gpus_in_constraint(cal, cluster.constraint if cluster else None)
     if in_constraint:
-        slowest = min(in_constraint, key=lambda g: (cal.gpus[g].peak_tflops.get("bf16", 0), cal.gpus[g].memory_gb))
+        slowest = min(in_constraint, key=lambda g: (cal.gpus[g].peak_tflops.get("bf16", 0), cal.gpus[g].memory_gib))
         return slowest, (f"from cluster.constraint={cluster.constraint!r}" if len(in_constraint) == 1 else
                          f"the slowest and smallest of {', '.join(in_constraint)} in cluster.constraint")
-    return "h100", "ASSUMED: cluster.constraint names no known GPU; ask the planner for another type"
+    return "h100", "ASSUMED: cluster.constraint names no known GPU; plan for yours with --gpu TYPE"
 
 
 def measure_images_per_s(cfg: TrainConfig, steps: int = 10, warmup: int = 3) -> float:
     """Training images/s of one process on cfg.device at the config's per-GPU batch: forward,
     backward and AdamW step of the configured model and loss, with the backend's speed switches."""
-    from dtr_scale.train.components import build_model, build_objective, build_optimizer
-    from dtr_scale.train.speed import apply_speed_switches, autocast
-
     device = torch.device(cfg.device)
     model, objective = build_model(cfg).to(device), build_objective(cfg).to(device)
     apply_speed_switches(model, cfg.backend)

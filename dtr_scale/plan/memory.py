@@ -82,5 +82,6 @@ def estimate_memory(cfg: TrainConfig, s: DiTShape, params: ParameterCount, reser
     parts = training_state_bytes(cfg, params)
     parts["routing tables"] = routing_table_bytes(cfg, s)
     parts[f"activations ({cfg.micro_batch_size} images)"] = cfg.micro_batch_size * act
-    parts["CUDA context, workspaces, fragmentation"] = reserve_gib * 2**30
+    if reserve_gib:
+        parts["CUDA context, workspaces, fragmentation"] = reserve_gib * 2**30
     return MemoryEstimate(parts)

@@ -16,6 +16,7 @@ import torch
 
 from dtr_scale.config import ModelConfig, TrainConfig
 from dtr_scale.models.dit import DIT_PRESETS
+from dtr_scale.train.components import build_model
 
 FREQUENCY_EMBEDDING_SIZE = 256  # the timestep embedder's sinusoid width (DiT's TimestepEmbedder)
 
@@ -84,8 +85,6 @@ def forward_macs(s: DiTShape) -> int:
 
 def count_parameters(cfg: TrainConfig) -> ParameterCount:
     """Exact counts from the model the trainer builds, made on the meta device (no memory, no init cost)."""
-    from dtr_scale.train.components import build_model  # the trainer's builder: the same model, not a copy
-
     with torch.device("meta"):
         model = build_model(cfg)
     state = model.state_dict()  # routing tables are non-persistent: not in checkpoints
