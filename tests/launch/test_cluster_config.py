@@ -14,7 +14,7 @@ def test_presets_load():
     local, debug, real = load_preset("local"), load_preset("slurm_debug"), load_preset("example_cluster")
     assert (local.kind, local.world_size) == ("local", 2)
     assert (debug.kind, debug.partition, debug.world_size) == ("slurm", "debug", 2)
-    assert (real.nodes, real.gpus_per_node, real.world_size) == (4, 8, 32)
+    assert (real.nodes, real.gpus_per_node, real.world_size) == (1, 8, 8)
 
 
 def test_tasks_per_node_defaults_to_one_per_gpu():
