@@ -119,6 +119,7 @@ class CheckpointManager:
         self.backend = backend
         self.world = world
         self.pending: tuple[Future, int, Path] | None = None
+        self.on_disk_step: int | None = None  # the step this manager last saved or loaded
         self.blocked_seconds = 0.0  # time the training loop spent inside save(), for the step breakdown
         if world.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,14 @@ class CheckpointManager:
     def save(self, step: int, meta: dict[str, Any], *, asynchronous: bool | None = None) -> None:
         start = time.perf_counter()
         self.wait()
+        # A stop right after a scheduled save, or right after resuming, asks for the same state
+        # again; rewriting it would delete the complete copy before the new one is renamed in.
+        if step != self.on_disk_step:
+            self._write(step, meta, asynchronous)
+            self.on_disk_step = step
+        self.blocked_seconds += time.perf_counter() - start
+
+    def _write(self, step: int, meta: dict[str, Any], asynchronous: bool | None) -> None:
         partial = self.root / f"{checkpoint_name(step)}.partial"
         if self.world.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt at this step
@@ -139,7 +148,6 @@ class CheckpointManager:
             self._commit(step, partial)
         else:
             self.pending = (future, step, partial)
-        self.blocked_seconds += time.perf_counter() - start
 
     def poll(self) -> None:
         """Commit a finished background save (cheap; call every step)."""
@@ -187,7 +195,9 @@ class CheckpointManager:
         except (Exception, CheckpointException) as err:
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
                                   f"move it aside to resume from the one before") from err
-        return read_meta(path)
+        meta = read_meta(path)
+        self.on_disk_step = meta["step"]
+        return meta
 
     def _barrier(self) -> None:
         if self.world.size > 1:

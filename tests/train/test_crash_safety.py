@@ -1,7 +1,8 @@
 """Crash safety of DCP checkpoints (ddp backend): a process SIGKILLed in the middle of
 writing checkpoint k leaves the one before as "latest", and resuming from it reaches
-the weights of a run that was never killed; a truncated, missing or corrupted file in
-a checkpoint is detected, and the error names it.
+the weights of a run that was never killed; a stop never rewrites (so never deletes)
+the complete checkpoint of its own step; a truncated, missing or corrupted file in a
+checkpoint is detected, and the error names it.
 
 The killed runs are this file run as a script in child processes (one per rank).
 Inside them DCP's file writer is patched to write the first tensor of checkpoint k,
@@ -35,8 +36,9 @@ from dtr_scale.train.checkpoint import (
     require_complete,
 )
 from dtr_scale.train.components import config_from_dict, config_to_dict
-from dtr_scale.train.local import free_port, run_processes
+from dtr_scale.train.local import free_port, run_processes, stop_after
 from dtr_scale.train.loop import train
+from dtr_scale.train.metrics import read_metrics
 
 EVERY, KILL_AT, STEPS = 2, 4, 6
 REPO = Path(__file__).resolve().parents[2]
@@ -110,7 +112,7 @@ def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
 
 def logged_losses(run_dir: str) -> list[tuple[int, float]]:
     """(step, loss) of every metrics record, the killed run's and then the resumed run's."""
-    return [(r["step"], r["loss"]) for r in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))]
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
 
 
 def assert_killed_mid_write(run_dir: str) -> None:
@@ -173,6 +175,25 @@ def test_sigkill_of_both_ranks_while_writing_then_resume_on_two_ranks(tiny_confi
     overlap = [s for s in resumed if s in killed]
     assert overlap[:1] == [KILL_AT - EVERY + 1]  # logged before the killed write began, at least
     assert [resumed[s] for s in overlap] == [killed[s] for s in overlap]
+
+
+def test_a_stop_right_after_a_checkpoint_or_a_resume_does_not_write_it_again(tiny_config, tmp_path, monkeypatch):
+    # writing the same step again would delete the complete copy before renaming the new one in
+    from dtr_scale.train.backends.torch_dist import TorchBackend
+
+    written, real_save = [], TorchBackend.save
+
+    def recording_save(self, path, *, asynchronous=False):
+        written.append(path.name)
+        return real_save(self, path, asynchronous=asynchronous)
+
+    monkeypatch.setattr(TorchBackend, "save", recording_save)
+    cfg = crash_config(tiny_config, tmp_path / "run")
+    first = train(cfg, stop_requested=stop_after(EVERY))  # the stop comes right after the save at EVERY
+    again = train(cfg, stop_requested=stop_after(0))  # and before the resumed run's first step
+    assert (first.status, first.step, again.status, again.step) == ("stopped", EVERY, "stopped", EVERY)
+    assert written == [f"{checkpoint_name(EVERY)}.partial"]
+    require_complete(latest_checkpoint(cfg.run_dir))
 
 
 # --- damaged files in a complete checkpoint --------------------------------------------
