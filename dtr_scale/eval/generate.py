@@ -1,0 +1,280 @@
+"""Class-conditional samples to files: resumable, splittable across ranks and jobs, bit for bit.
+
+Sample i has its label (i % num_classes, or row i of one seeded random draw) and
+its own noise generator, seeded by (seed, i). Indices are cut into fixed chunks;
+a chunk is sampled, decoded to images and written atomically as one file. A
+preempted or re-split job skips the chunks already on disk, so every index is
+sampled exactly once and the images do not depend on who sampled them. Rank r of
+w takes chunks r, r + w, ...; rank 0 merges them into the ADM `.npz`
+(arr_0 uint8 [N, H, W, 3], arr_1 labels) and an image grid.
+
+    FOLDER/spec.json            the SampleSpec the chunks belong to
+    FOLDER/chunk-000003.npz     images, labels, indices of chunk 3
+    FOLDER/samples.npz          the merged ADM batch (the chunks are removed then)
+    FOLDER/grid.png             one class per column (for small class counts)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dtr_scale.data.synthetic import step_seed
+from dtr_scale.diffusion.gaussian import GaussianDiffusion
+from dtr_scale.diffusion.sampling import guided_model_fn
+
+SPEC_FILE = "spec.json"
+SAMPLES_NPZ = "samples.npz"
+GRID_PNG = "grid.png"
+RANDOM_LABELS_STREAM = 1  # seed key of the random-label draw; per-index noise seeds use (seed, i)
+GRID_MAX_CLASSES = 16  # up to this many classes the grid has one column per class
+GRID_ROWS = 8
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # latents [N, C, h, w] -> uint8 images [N, H, W, 3]
+log = logging.getLogger(__name__)
+
+
+class SampleFolderError(RuntimeError):
+    """A samples folder that belongs to other settings, or lacks chunks; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that decides the images of a samples folder."""
+
+    weights: str  # which weights drew them, e.g. "step_00000200/ema"
+    num_samples: int
+    chunk_size: int
+    num_classes: int
+    latent_shape: tuple[int, int, int]
+    labels: str = "balanced"  # balanced | random
+    seed: int = 0
+    sampler: str = "ddpm"
+    sampling_steps: int = 250
+    cfg_scale: float = 1.5
+    guided_channels: str = "all"
+    ddim_eta: float = 0.0
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_size)
+
+    def chunk_indices(self, chunk: int) -> np.ndarray:
+        return np.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_samples))
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+
+
+def class_labels(spec: SampleSpec, indices: np.ndarray) -> np.ndarray:
+    """The label of each sample index: balanced i % K, or entry i of one seeded draw for all N
+    (DiT's sample_ddp draws random labels), so a label never depends on the split."""
+    if spec.labels == "balanced":
+        return (np.asarray(indices) % spec.num_classes).astype(np.int64)
+    generator = torch.Generator().manual_seed(step_seed(spec.seed, RANDOM_LABELS_STREAM))
+    return torch.randint(spec.num_classes, (spec.num_samples,), generator=generator).numpy()[indices]
+
+
+def noise_generators(seed: int, indices: np.ndarray) -> list[torch.Generator]:
+    """One generator per sample index, seeded by (seed, i): sample i's noise is the same in any batch."""
+    return [torch.Generator().manual_seed(step_seed(seed, int(i))) for i in indices]
+
+
+@torch.no_grad()
+def sample_indexed_latents(model: torch.nn.Module, diffusion: GaussianDiffusion, spec: SampleSpec,
+                           indices: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Latents [n, *latent_shape] of the samples `indices`, by running the respaced `diffusion`
+    backwards with classifier-free guidance; every draw comes from the sample's own generator."""
+    labels = torch.from_numpy(class_labels(spec, indices)).to(device)
+    model_fn, copies = guided_model_fn(model, labels, spec.cfg_scale, spec.guided_channels)
+    generators = noise_generators(spec.seed, indices)
+
+    def gaussian() -> torch.Tensor:
+        z = torch.stack([torch.randn(spec.latent_shape, generator=g) for g in generators]).to(device)
+        return torch.cat([z] * copies)  # both CFG halves share the noise
+
+    x = gaussian()
+    for i in range(diffusion.num_timesteps - 1, -1, -1):
+        t = torch.full((len(x),), i, device=device, dtype=torch.long)
+        noise = gaussian()
+        if spec.sampler == "ddpm":
+            x = diffusion.p_sample(model_fn, x, t, noise)
+        else:
+            x = diffusion.ddim_sample(model_fn, x, t, noise, spec.ddim_eta)
+    return x[:len(indices)]
+
+
+def chunk_path(folder: Path, chunk: int) -> Path:
+    return folder / f"chunk-{chunk:06d}.npz"
+
+
+def rank_chunks(num_chunks: int, rank: int, world_size: int) -> list[int]:
+    return list(range(rank, num_chunks, world_size))
+
+
+def missing_chunks(folder: Path, spec: SampleSpec) -> list[int]:
+    return [c for c in range(spec.num_chunks) if not chunk_path(folder, c).exists()]
+
+
+def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    # tmp, fsync, rename: a killed writer leaves a stray tmp file, never a short npz under the real name
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_sample_folder(folder: str | Path, spec: SampleSpec) -> Path:
+    """Create `folder` for `spec`, or check that it already holds samples of `spec`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SPEC_FILE
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != spec.to_json():
+            raise SampleFolderError(f"{folder} holds samples of other settings ({found}, not {spec.to_json()}); "
+                                    "delete it or sample into another folder")
+        return folder
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(spec.to_json(), indent=1))
+    os.replace(tmp, path)  # ranks starting together write the same text
+    return folder
+
+
+def generate_chunks(model: torch.nn.Module, diffusion: GaussianDiffusion, spec: SampleSpec, folder: str | Path,
+                    decode: Decoder, *, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                    max_chunks: int | None = None, progress: bool = False) -> list[int]:
+    """Sample, decode and write this rank's chunks (rank, rank + world_size, ...) that are not on
+    disk yet; `max_chunks` stops after that many (a job cut short). Returns the chunks written."""
+    folder = open_sample_folder(folder, spec)
+    todo = [c for c in rank_chunks(spec.num_chunks, rank, world_size) if not chunk_path(folder, c).exists()]
+    todo = todo[:max_chunks] if max_chunks is not None else todo
+    model = model.to(device).eval()
+    start = time.perf_counter()
+    for chunk in tqdm(todo, desc=f"sampling {spec.weights} (rank {rank})", disable=None if progress else True):
+        indices = spec.chunk_indices(chunk)
+        images = decode(sample_indexed_latents(model, diffusion, spec, indices, device)).cpu().numpy()
+        write_npz_atomic(chunk_path(folder, chunk), images=images, labels=class_labels(spec, indices), indices=indices)
+    if todo:
+        seconds = time.perf_counter() - start
+        count = sum(len(spec.chunk_indices(c)) for c in todo)
+        log.info("rank %d sampled %d images in %d chunks (%.1f images/s) into %s", rank, count, len(todo),
+                 count / seconds, folder)
+    return todo
+
+
+def wait_for_chunks(folder: str | Path, spec: SampleSpec, *, timeout_s: float, poll_s: float = 5.0) -> None:
+    """Block until every chunk is on disk (the other ranks' too), or raise after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while missing := missing_chunks(Path(folder), spec):
+        if time.monotonic() > deadline:
+            raise SampleFolderError(f"{folder}: chunks {missing[:10]} (of {len(missing)} missing) did not appear "
+                                    f"within {timeout_s:.0f} s; a rank may have died: run the evaluation again "
+                                    "to sample them (finished chunks are kept)")
+        time.sleep(poll_s)
+
+
+def read_chunks(folder: str | Path, spec: SampleSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, 3], labels [N]) of all chunks, in index order."""
+    folder = Path(folder)
+    missing = missing_chunks(folder, spec)
+    if missing:
+        raise SampleFolderError(f"{folder} lacks chunks {missing[:10]} ({len(missing)} of {spec.num_chunks}); "
+                                "run the sampling again to fill them in")
+    images, labels = [], []
+    for chunk in range(spec.num_chunks):
+        with np.load(chunk_path(folder, chunk)) as data:
+            if not np.array_equal(data["indices"], spec.chunk_indices(chunk)):
+                raise SampleFolderError(f"{chunk_path(folder, chunk)} holds other indices than chunk {chunk} of "
+                                        f"{spec.chunk_size}; delete the folder and sample again")
+            images.append(data["images"])
+            labels.append(data["labels"])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def grid_order(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Which samples the grid shows, row by row: for few classes the r-th sample of each class
+    in column = class (-1 where a class has run out); otherwise the first rows x 8 samples."""
+    if num_classes > GRID_MAX_CLASSES:
+        return list(range(min(len(labels), GRID_ROWS * 8)))
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    rows = min(GRID_ROWS, max(len(members) for members in by_class))
+    return [int(by_class[c][r]) if r < len(by_class[c]) else -1 for r in range(rows) for c in range(num_classes)]
+
+
+def write_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Path:
+    from torchvision.utils import save_image
+
+    order = grid_order(labels, num_classes)
+    blank = np.zeros_like(images[0])
+    picked = np.stack([images[i] if i >= 0 else blank for i in order])
+    columns = num_classes if num_classes <= GRID_MAX_CLASSES else 8
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    save_image(torch.from_numpy(picked).permute(0, 3, 1, 2).float() / 255, tmp, nrow=columns)
+    os.replace(tmp, path)
+    return path
+
+
+def merge_samples(folder: str | Path, spec: SampleSpec, *, keep_chunks: bool = False) -> Path:
+    """Merge the chunks into FOLDER/samples.npz (ADM: arr_0 uint8 [N, H, W, 3], arr_1 labels) and
+    FOLDER/grid.png; the chunks are removed afterwards unless keep_chunks. Idempotent."""
+    folder = open_sample_folder(folder, spec)
+    npz = folder / SAMPLES_NPZ
+    if npz.exists():
+        return npz
+    images, labels = read_chunks(folder, spec)
+    write_grid(folder / GRID_PNG, images, labels, spec.num_classes)
+    write_npz_atomic(npz, arr_0=images, arr_1=labels)
+    if not keep_chunks:
+        for chunk in range(spec.num_chunks):
+            chunk_path(folder, chunk).unlink(missing_ok=True)
+    for stray in folder.glob(".chunk-*.tmp-*"):  # left by writers killed mid-chunk
+        stray.unlink(missing_ok=True)
+    log.info("merged %d samples into %s", len(images), npz)
+    return npz
+
+
+def load_samples(npz: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(arr_0 images, arr_1 labels) of an ADM sample batch."""
+    with np.load(npz) as data:
+        return data["arr_0"], data["arr_1"]
+
+
+def generate_samples(model: torch.nn.Module, diffusion: GaussianDiffusion, spec: SampleSpec, folder: str | Path,
+                     decode: Decoder, *, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                     wait_timeout_s: float = 6 * 3600.0, progress: bool = False) -> Path | None:
+    """This rank's chunks, then on rank 0 (after the other ranks' chunks are on disk) the merged
+    samples.npz, whose path is returned; other ranks return None. Already merged: nothing to do."""
+    npz = Path(folder) / SAMPLES_NPZ
+    if npz.exists():
+        open_sample_folder(folder, spec)
+        return npz if rank == 0 else None
+    generate_chunks(model, diffusion, spec, folder, decode, rank=rank, world_size=world_size, device=device,
+                    progress=progress)
+    if rank != 0:
+        return None
+    wait_for_chunks(folder, spec, timeout_s=wait_timeout_s)
+    return merge_samples(folder, spec)
+
+
+def distributed_position(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): the arguments, else RANK / WORLD_SIZE as the rest of the project reads them."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size}); check RANK and WORLD_SIZE")
+    return rank, world_size
+

@@ -1,0 +1,39 @@
+"""run_eval, the function a command line calls: one checkpoint, or one pass over a run."""
+
+import pytest
+
+from dtr_scale.eval.cli import main, resolve_checkpoint, run_eval
+from dtr_scale.eval.results import read_results
+
+SMALL = {"eval.num_samples": 20, "eval.batch_size": 10, "diffusion.sampling_steps": 5}
+
+
+def test_one_checkpoint_by_step_then_a_pass_over_the_run(run_copy, eval_config):
+    cfg = eval_config(run_copy, **SMALL)
+    assert resolve_checkpoint(run_copy, "100") == run_copy / "checkpoints" / "step_00000100"
+
+    assert [r["step"] for r in run_eval(cfg, checkpoint="100", progress=False)] == [100]
+    assert [r["step"] for r in run_eval(cfg, progress=False)] == [200, 250]  # every=200, and the newest
+    assert run_eval(cfg, progress=False) == []  # nothing left to do
+
+    assert sorted(r["step"] for r in read_results(run_copy)) == [100, 200, 250]
+    table = (run_copy / "eval" / "results.md").read_text()
+    for record in read_results(run_copy):
+        assert f"| {record['step']} | ema |" in table and f"{record['digits_fd']:.2f}" in table
+    assert (run_copy / "eval" / "results.png").stat().st_size > 1000
+
+
+def test_the_command_line_scores_with_the_runs_own_config_and_its_overrides(run_copy, capsys):
+    main([f"run_dir={run_copy}", "--checkpoint", "200", "eval.num_samples=20", "eval.batch_size=10",
+          "diffusion.sampling_steps=5", "eval.averaging=[ema,raw]"])
+    records = read_results(run_copy)
+    assert [(r["step"], r["averaging"], r["num_samples"], r["sampling_steps"]) for r in records] == [
+        (200, "ema", 20, 5), (200, "raw", 20, 5)]
+    assert records[0]["cfg_scale"] == 1.5 and records[0]["reference"] == "digits"  # the run's own settings
+
+
+def test_the_command_line_needs_the_run(tmp_path):
+    with pytest.raises(SystemExit, match="run_dir: name the run"):
+        main(["eval.num_samples=20"])
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        main([f"run_dir={tmp_path}"])

@@ -1,0 +1,109 @@
+"""The results file and what is made from it: table, plot, series."""
+
+import pytest
+from PIL import Image
+
+from dtr_scale.config import to_train_config
+from dtr_scale.eval.results import (
+    append_result,
+    find_result,
+    log_to_wandb,
+    main_metric,
+    metric_series,
+    plot_results,
+    read_results,
+    record_key,
+    results_path,
+    results_table,
+    wandb_metrics,
+    write_report,
+)
+
+SETTINGS = {"sampler": "ddpm", "sampling_steps": 250, "cfg_scale": 1.5, "guided_channels": "all", "ddim_eta": 0.0,
+            "num_samples": 50000, "labels": "balanced", "seed": 0, "reference": "VIRTUAL_imagenet256_labeled.npz"}
+
+
+def record(step, averaging, fid, **extra):
+    return {"step": step, "averaging": averaging, **SETTINGS, "fid": fid, "sfid": fid * 2, "inception_score": 150.0,
+            "precision": 0.77, "recall": 0.51, "wall_s": 12.0, **extra}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    for r in (record(400_000, "ema", 8.9), record(200_000, "ema", 12.59), record(200_000, "phema:0.1", 11.0),
+              record(400_000, "phema:0.1", 8.24)):
+        append_result(tmp_path, r)
+    return tmp_path
+
+
+def test_table_is_sorted_by_step_and_holds_the_numbers(run_dir):
+    lines = results_table(run_dir).splitlines()
+    assert lines[0].startswith("| step | averaging |") and "| fid | sfid | inception_score | precision | recall |" in lines[0]
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("| 200000", "ema"), ("| 200000", "phema:0.1"), ("| 400000", "ema"),
+                                           ("| 400000", "phema:0.1")]
+    assert "| 12.59 | 25.18 | 150.00 | 0.770 | 0.510 |" in lines[2]
+    assert "8.24" in lines[5] and "digits_fd" not in lines[0]  # only the metrics the records have
+
+
+def test_no_results_no_table(tmp_path):
+    assert results_table(tmp_path) == ""
+
+
+def test_plot_shows_the_main_metric_per_averaging(run_dir):
+    records = read_results(run_dir)
+    assert main_metric(records) == "fid"
+    assert metric_series(records, "fid") == {"ema": [(200_000, 12.59), (400_000, 8.9)],
+                                             "phema:0.1": [(200_000, 11.0), (400_000, 8.24)]}
+    path = plot_results(run_dir)
+    assert path == run_dir / "eval" / "results.png"
+    width, height = Image.open(path).size
+    assert (width, height) == (600, 400)
+
+
+def test_other_sampler_settings_get_their_own_line(run_dir):
+    append_result(run_dir, record(400_000, "ema", 5.0, cfg_scale=4.0))
+    series = metric_series(read_results(run_dir), "fid")
+    assert series["ema ddpm-250 cfg 4.0 n=50000"] == [(400_000, 5.0)]
+    assert series["ema ddpm-250 cfg 1.5 n=50000"] == [(200_000, 12.59), (400_000, 8.9)]
+
+
+def test_digits_records_plot_digits_fd(tmp_path):
+    append_result(tmp_path, {"step": 200, "averaging": "ema", **SETTINGS, "reference": "digits", "digits_fd": 40.5,
+                             "class_accuracy": 0.9})
+    assert main_metric(read_results(tmp_path)) == "digits_fd"
+    table, plot = write_report(tmp_path)
+    assert "| 40.50 | 0.900 |" in table.read_text() and plot.exists()
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_record_still_lands(run_dir):
+    with open(results_path(run_dir), "a") as f:
+        f.write('{"step": 600000, "averaging": "ema", "fi')  # a writer killed mid-record
+    assert len(read_results(run_dir)) == 4
+    append_result(run_dir, record(600_000, "ema", 7.0))
+    assert [r["step"] for r in read_results(run_dir)] == [400_000, 200_000, 200_000, 400_000, 600_000]
+    assert find_result(run_dir, record_key(record(600_000, "ema", 0.0)))["fid"] == 7.0
+
+
+def test_a_record_without_its_key_fields_is_refused(tmp_path):
+    with pytest.raises(KeyError, match="cfg_scale"):
+        append_result(tmp_path, {k: v for k, v in record(1, "ema", 1.0).items() if k != "cfg_scale"})
+
+
+def test_wandb_gets_each_metric_under_its_averaging_against_the_training_step(tmp_path):
+    assert wandb_metrics(record(400_000, "phema:0.1", 8.24)) == {
+        "train_step": 400_000, "eval/phema:0.1/fid": 8.24, "eval/phema:0.1/sfid": 16.48,
+        "eval/phema:0.1/inception_score": 150.0, "eval/phema:0.1/precision": 0.77, "eval/phema:0.1/recall": 0.51}
+    cfg = to_train_config({"logging": {"wandb": "disabled"}})
+    log_to_wandb(tmp_path, cfg, [record(1, "ema", 1.0)])
+    assert not (tmp_path / "eval").exists()  # disabled: nothing written, wandb not started
+
+
+def test_wandb_offline_resumes_one_evaluation_run_per_run_dir(tmp_path):
+    cfg = to_train_config({"logging": {"wandb": "offline"}})
+    log_to_wandb(tmp_path, cfg, [record(200_000, "ema", 12.59)])
+    run_id = (tmp_path / "eval" / "wandb_id.txt").read_text()
+    log_to_wandb(tmp_path, cfg, [record(400_000, "ema", 8.9)])
+    assert (tmp_path / "eval" / "wandb_id.txt").read_text() == run_id
+    runs = sorted(p.name for p in (tmp_path / "eval" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run_id in name for name in runs)
