@@ -238,6 +238,9 @@ class EvalConfig:
     reference: str | None = None  # ADM reference batch (.npz); null with embedded data: the digits
     inception: str | None = None  # FID Inception weights (pt_inception-2015-12-05-6726825d.pth)
     world_size: int = 1  # sampling processes per evaluation job
+    # The process that trains the run, or follows its job, also scores due checkpoints as they
+    # appear and the final one at the end. Off: evaluate with `dtr-scale eval` (e.g. as jobs).
+    inline: bool = True
     seed: int = 0  # sample i uses seed (seed, i): resumed or re-split jobs draw the same images
 
     def __post_init__(self) -> None:
@@ -336,7 +339,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     phema_stds: tuple[float, ...] = (0.05, 0.10)  # EDM2 post-hoc EMA profiles tracked; () = off
     phema_every: int = 0  # steps between post-hoc EMA snapshots; 0 = at every checkpoint
-    sample_at_end: int = 16  # images drawn from the EMA model when training ends; 0 = none
+    sample_at_end: int = 16  # synthetic data: samples checked against their class pattern at the end; 0 = none
     device: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from tqdm.auto import tqdm
 
 from dtr_scale.diffusion.gaussian import GaussianDiffusion, ModelFn
+
+Noise = Callable[[tuple[int, ...]], torch.Tensor]  # shape [N, ...] -> standard normal draws of that shape
 
 
 def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, cfg_scale: float,
@@ -23,6 +27,11 @@ def guided_model_fn(model: torch.nn.Module, labels: torch.Tensor, cfg_scale: flo
     return (lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale, guided_channels=k)), 2
 
 
+def generator_noise(generator: torch.Generator | None) -> Noise:
+    """Draws from `generator` on the CPU, so a seed gives the same samples on any device."""
+    return lambda size: torch.randn(size, generator=generator, device="cpu")
+
+
 @torch.no_grad()
 def sample_latents(
     model: torch.nn.Module,
@@ -35,26 +44,33 @@ def sample_latents(
     sampler: str = "ddpm",
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    noise: Noise | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Draw latents [N, *shape] for `labels` by running `diffusion` (usually respaced) backwards."""
+    """Draw latents [N, *shape] for `labels` by running `diffusion` (usually respaced) backwards.
+
+    `noise` draws the initial latents and every step's noise; by default `generator` does.
+    """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if noise is not None and generator is not None:
+        raise ValueError("pass either a generator or a noise source, not both")
+    noise = generator_noise(generator) if noise is None else noise
     model_fn, copies = guided_model_fn(model, labels, cfg_scale, guided_channels)
     device = labels.device
     n = len(labels)
 
     def gaussian() -> torch.Tensor:
-        z = torch.randn((n, *shape), generator=generator, device="cpu").to(device)
-        return torch.cat([z] * copies)
+        z = noise((n, *shape)).to(device)
+        return torch.cat([z] * copies)  # both CFG halves share the noise
 
     x = gaussian()
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     for i in tqdm(steps, desc=f"{sampler} sampling", disable=None if progress else True, leave=False):
         t = torch.full((len(x),), i, device=device, dtype=torch.long)
-        noise = gaussian()
+        z = gaussian()
         if sampler == "ddpm":
-            x = diffusion.p_sample(model_fn, x, t, noise)
+            x = diffusion.p_sample(model_fn, x, t, z)
         else:
-            x = diffusion.ddim_sample(model_fn, x, t, noise, eta)
+            x = diffusion.ddim_sample(model_fn, x, t, z, eta)
     return x[:n]

@@ -23,7 +23,7 @@ from dtr_scale.config import TrainConfig, parse_averaging
 from dtr_scale.eval.phema import average_state_dicts, reconstruct, std_to_exp
 from dtr_scale.eval.sample import load_model
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import checkpoint_dir, read_manifest, read_meta, verify_checkpoint
+from dtr_scale.train.checkpoint import complete_checkpoints, read_meta
 from dtr_scale.train.components import build_model, config_from_dict
 
 SNAPSHOT_GLOB = "phema-*.safetensors"  # dtr_scale.train.phema_snapshots.snapshot_name; tmp files start with "."
@@ -40,17 +40,6 @@ def run_dir_of(checkpoint: str | Path) -> Path:
 
 def checkpoint_step(checkpoint: str | Path) -> int:
     return int(read_meta(checkpoint)["step"])
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every manifest entry whose files are all there at their recorded sizes,
-    oldest first. A `.partial` directory is never in the manifest, so it is never listed."""
-    entries = []
-    for entry in read_manifest(run_dir):
-        path = checkpoint_dir(run_dir) / entry["name"]
-        if verify_checkpoint(path, entry) is None:
-            entries.append((int(entry["step"]), path))
-    return entries
 
 
 def averaged_model(checkpoint: str | Path, spec: str) -> tuple[DiT, TrainConfig]:

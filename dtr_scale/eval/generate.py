@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
-from dtr_scale.diffusion.sampling import guided_model_fn
+from dtr_scale.diffusion.sampling import Noise, sample_latents
 
 SPEC_FILE = "spec.json"
 SAMPLES_NPZ = "samples.npz"
@@ -85,33 +85,21 @@ def class_labels(spec: SampleSpec, indices: np.ndarray) -> np.ndarray:
     return torch.randint(spec.num_classes, (spec.num_samples,), generator=generator).numpy()[indices]
 
 
-def noise_generators(seed: int, indices: np.ndarray) -> list[torch.Generator]:
-    """One generator per sample index, seeded by (seed, i): sample i's noise is the same in any batch."""
-    return [torch.Generator().manual_seed(step_seed(seed, int(i))) for i in indices]
+def indexed_noise(seed: int, indices: np.ndarray) -> Noise:
+    """Noise whose row k comes from sample indices[k]'s own generator, seeded by (seed, i):
+    sample i's noise is the same in any batch."""
+    generators = [torch.Generator().manual_seed(step_seed(seed, int(i))) for i in indices]
+    return lambda size: torch.stack([torch.randn(size[1:], generator=g) for g in generators])
 
 
-@torch.no_grad()
 def sample_indexed_latents(model: torch.nn.Module, diffusion: GaussianDiffusion, spec: SampleSpec,
                            indices: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """Latents [n, *latent_shape] of the samples `indices`, by running the respaced `diffusion`
     backwards with classifier-free guidance; every draw comes from the sample's own generator."""
     labels = torch.from_numpy(class_labels(spec, indices)).to(device)
-    model_fn, copies = guided_model_fn(model, labels, spec.cfg_scale, spec.guided_channels)
-    generators = noise_generators(spec.seed, indices)
-
-    def gaussian() -> torch.Tensor:
-        z = torch.stack([torch.randn(spec.latent_shape, generator=g) for g in generators]).to(device)
-        return torch.cat([z] * copies)  # both CFG halves share the noise
-
-    x = gaussian()
-    for i in range(diffusion.num_timesteps - 1, -1, -1):
-        t = torch.full((len(x),), i, device=device, dtype=torch.long)
-        noise = gaussian()
-        if spec.sampler == "ddpm":
-            x = diffusion.p_sample(model_fn, x, t, noise)
-        else:
-            x = diffusion.ddim_sample(model_fn, x, t, noise, spec.ddim_eta)
-    return x[:len(indices)]
+    return sample_latents(model, diffusion, labels, shape=spec.latent_shape, cfg_scale=spec.cfg_scale,
+                          guided_channels=spec.guided_channels, sampler=spec.sampler, eta=spec.ddim_eta,
+                          noise=indexed_noise(spec.seed, indices))
 
 
 def chunk_path(folder: Path, chunk: int) -> Path:

@@ -188,7 +188,7 @@ def log_to_wandb(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, 
     # create_new: an inline evaluation beside the trainer's own wandb run must not log into it
     run = wandb.init(project=cfg.logging.project, dir=str(directory), id=id_file.read_text().strip(),
                      resume="allow", mode=cfg.logging.wandb, name=f"{Path(run_dir).name}-eval", job_type="eval",
-                     reinit="create_new")
+                     reinit="create_new", settings=wandb.Settings(silent=True))
     run.define_metric("train_step")
     run.define_metric("eval/*", step_metric="train_step")  # evaluations arrive out of step order
     for record in records:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.diffusion.sampling import sample_latents
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import CheckpointError, read_meta
+from dtr_scale.train.checkpoint import CheckpointError, read_meta, require_complete
 from dtr_scale.train.components import build_diffusion, build_model, config_from_dict
 
 EMA_EXPORT = "ema.safetensors"  # written beside a checkpoint by backends that cannot be read with DCP
@@ -19,9 +21,11 @@ EMA_EXPORT = "ema.safetensors"  # written beside a checkpoint by backends that c
 def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainConfig]:
     """The (EMA by default) model of a checkpoint directory, in eval mode, and the run's config.
 
-    Reads only the requested weights: the optimizer and the other copy stay on disk.
+    Reads only the requested weights: the optimizer and the other copy stay on disk. The
+    checkpoint's files are checked against the run's manifest first.
     """
     path = Path(path)
+    require_complete(path)
     cfg = config_from_dict(read_meta(path)["config"])
     model = build_model(cfg)
     if use_ema and (path / EMA_EXPORT).exists():
@@ -32,8 +36,10 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainCon
     weights = model.state_dict()
     request = {"ema": weights} if use_ema else {"module": {f"model.{k}": v for k, v in weights.items()}}
     try:
-        dcp.load(request, checkpoint_id=str(path))
-    except Exception as err:
+        with warnings.catch_warnings():  # DCP's note that it reads without a process group: intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(request, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"could not read the {'EMA' if use_ema else 'model'} weights of {path} "
                               f"({type(err).__name__}: {err})") from err
     if not use_ema:

@@ -38,12 +38,13 @@ from typing import Any
 import submitit
 
 from dtr_scale.config import ClusterConfig, TrainConfig, parse_averaging
-from dtr_scale.eval.averaging import complete_checkpoints, run_dir_of
+from dtr_scale.eval.averaging import run_dir_of
 from dtr_scale.eval.evaluate import evaluate_averaging, evaluate_checkpoint, result_key
 from dtr_scale.eval.results import append_jsonl, eval_dir, read_jsonl, read_results, record_key
 from dtr_scale.launch.environment import export_distributed_env
 from dtr_scale.launch.executor import make_executor
 from dtr_scale.launch.ledger import ledger_path, read_status
+from dtr_scale.train.checkpoint import complete_checkpoints
 from dtr_scale.train.phema_snapshots import snapshot_name
 
 WORK_NAME = "work.jsonl"

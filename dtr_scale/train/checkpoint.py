@@ -71,11 +71,24 @@ def verify_checkpoint(path: Path, entry: dict[str, Any]) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint; damaged ones are reported and passed over."""
-    for entry in reversed(read_manifest(run_dir)):
+def checked_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, str | None]]:
+    """(step, path, why it is not usable or None) of every manifest entry, oldest first."""
+    checked = []
+    for entry in read_manifest(run_dir):
         path = checkpoint_dir(run_dir) / entry["name"]
-        problem = verify_checkpoint(path, entry)
+        checked.append((int(entry["step"]), path, verify_checkpoint(path, entry)))
+    return checked
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every manifest entry whose files are all there at their recorded sizes,
+    oldest first. A `.partial` directory is never in the manifest, so it is never listed."""
+    return [(step, path) for step, path, problem in checked_checkpoints(run_dir) if problem is None]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint; damaged ones newer than it are reported and passed over."""
+    for _, path, problem in reversed(checked_checkpoints(run_dir)):
         if problem is None:
             return path
         log.warning("skipping checkpoint %s: %s", path, problem)

@@ -12,9 +12,9 @@ run resumes from the latest complete checkpoint in its run_dir.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -22,10 +22,14 @@ import torch
 from omegaconf import DictConfig
 
 from dtr_scale.config import ConfigError, TrainConfig, to_train_config
-from dtr_scale.launch.follow import JobFailed, follow_job
-from dtr_scale.launch.submit import submit_training
 from dtr_scale.data.synthetic import SyntheticLatents
+from dtr_scale.eval import watcher
+from dtr_scale.eval.cli import run_eval
+from dtr_scale.eval.results import results_table
 from dtr_scale.eval.sample import sample_from_checkpoint
+from dtr_scale.launch.follow import JobFailed, follow_job
+from dtr_scale.launch.status import format_status, run_status
+from dtr_scale.launch.submit import submit_training
 from dtr_scale.train.checkpoint import latest_checkpoint
 from dtr_scale.train.local import run_processes
 from dtr_scale.train.loop import train
@@ -42,46 +46,34 @@ def prepare_embedded_data(cfg: TrainConfig) -> None:
         prepare_digits(cfg.data.path, format=cfg.data.format)
 
 
-def sample_at_end(cfg: TrainConfig) -> None:
-    """Draw class-conditional samples from the final EMA model; on images, decode them,
-    save a grid and (for the digits) score them; on the toy data, report how close
-    they land to their class patterns."""
+def report_synthetic_samples(cfg: TrainConfig) -> None:
+    """Toy latents have a known answer: how close do samples of the final EMA model land to
+    their class's pattern, against the data's own noise and against pure noise?"""
     ckpt = latest_checkpoint(cfg.run_dir)
     labels = torch.arange(cfg.sample_at_end) % cfg.model.num_classes
     latents = sample_from_checkpoint(ckpt, labels, seed=cfg.seed, progress=True)
-    out = Path(cfg.run_dir) / "samples.pt"
-    torch.save({"latents": latents, "labels": labels, "checkpoint": ckpt.name}, out)
-    log.info("wrote %d samples (%s, %d steps, cfg %.2f) to %s", len(labels), cfg.diffusion.sampler,
-             cfg.diffusion.sampling_steps, cfg.diffusion.cfg_scale, out)
-    if cfg.data.kind == "shards":
-        write_images(cfg, latents, labels, ckpt.name)
+    data = SyntheticLatents(cfg.data.num_samples, cfg.model.num_classes, tuple(latents.shape[1:]),
+                            cfg.data.noise_std, cfg.seed)
+    own = (latents - data.class_means[labels]).pow(2).mean().item()
+    pure_noise = (torch.randn_like(latents) - data.class_means[labels]).pow(2).mean().item()
+    log.info("sample MSE to own class pattern: %.4f (data noise floor %.4f, pure noise %.4f)",
+             own, cfg.data.noise_std**2, pure_noise)
+
+
+def evaluate_beside(cfg: TrainConfig) -> Callable[[], None] | None:
+    """While following a job: score each due checkpoint here as it appears."""
+    if not (cfg.eval.inline and cfg.data.kind == "shards"):
+        return None
+    return lambda: watcher.sweep(cfg.run_dir, cfg, mode="inline", finished=False)
+
+
+def after_training(cfg: TrainConfig) -> None:
     if cfg.data.kind == "synthetic":
-        data = SyntheticLatents(cfg.data.num_samples, cfg.model.num_classes, tuple(latents.shape[1:]),
-                                cfg.data.noise_std, cfg.seed)
-        own = (latents - data.class_means[labels]).pow(2).mean().item()
-        pure_noise = (torch.randn_like(latents) - data.class_means[labels]).pow(2).mean().item()
-        log.info("sample MSE to own class pattern: %.4f (data noise floor %.4f, pure noise %.4f)",
-                 own, cfg.data.noise_std**2, pure_noise)
-
-
-def write_images(cfg: TrainConfig, latents: torch.Tensor, labels: torch.Tensor, checkpoint: str) -> None:
-    from torchvision.utils import save_image
-
-    from data_prep.autoencoders import load_autoencoder
-    from dtr_scale.data.loader import read_manifest
-
-    autoencoder = load_autoencoder(read_manifest(cfg.data.path)["autoencoder"])
-    images = autoencoder.decode(latents).cpu()  # uint8 [N, H, W, 3]
-    grid = Path(cfg.run_dir) / "samples.png"
-    save_image(images.permute(0, 3, 1, 2).float() / 255, grid, nrow=cfg.model.num_classes)
-    log.info("sample grid (one class per column) in %s", grid)
-    if cfg.data.embedded:
-        from dtr_scale.eval.digits import digits_scores
-
-        scores = {"checkpoint": checkpoint, **digits_scores(images.numpy(), labels.numpy())}
-        (Path(cfg.run_dir) / "results.json").write_text(json.dumps(scores, indent=1))
-        log.info("digits-FD %.2f, class accuracy %.3f over %d samples", scores["digits_fd"],
-                 scores["class_accuracy"], scores["num_samples"])
+        if cfg.sample_at_end > 0:
+            report_synthetic_samples(cfg)
+    elif cfg.eval.inline:
+        run_eval(cfg)  # the due checkpoints not scored yet, and the final one; table and plot
+        log.info("\n%s", format_status(run_status(cfg.run_dir), results_table(cfg.run_dir)))
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -93,7 +85,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def run_training(cfg: TrainConfig) -> None:
-    """Train `cfg` here or as a submitted job, then (when this process saw the end) sample."""
+    """Train `cfg` here or as a submitted job; when this process sees the end, evaluate."""
     cfg = absolute_paths(cfg)
     prepare_embedded_data(cfg)
     if cfg.cluster is None:
@@ -109,10 +101,9 @@ def run_training(cfg: TrainConfig) -> None:
         if not cfg.cluster.follows:
             log.info("follow it with: dtr-scale status %s", cfg.run_dir)
             return
-        follow_job(job, cfg.run_dir, cfg.steps)
+        follow_job(job, cfg.run_dir, cfg.steps, beside=evaluate_beside(cfg))
     log.info("training finished at step %d (run dir %s)", cfg.steps, cfg.run_dir)
-    if cfg.sample_at_end > 0:
-        sample_at_end(cfg)
+    after_training(cfg)
 
 
 def config_or_exit(raw: DictConfig) -> TrainConfig:
