@@ -5,6 +5,7 @@
     dtr-scale eval   run_dir=RUN [hydra overrides]    score a run's checkpoints, or watch it
     dtr-scale plan   [hydra overrides]                what a run will cost, before submitting it
     dtr-scale status RUN_DIR                          jobs, checkpoint, throughput, results
+    dtr-scale compare RUN_DIR... | SWEEP_DIR          several runs' results: one table, one plot
     dtr-scale export CHECKPOINT OUT.safetensors       the EMA weights for a vanilla DiT
 
 `dtr-scale SUBCOMMAND --help` shows each one's options (for the Hydra ones: the
@@ -41,6 +42,12 @@ def _eval() -> None:
 
 def _plan() -> None:
     from dtr_scale.plan.cli import main
+
+    main()
+
+
+def _compare() -> None:
+    from dtr_scale.eval.compare import main
 
     main()
 
@@ -84,7 +91,8 @@ def _export() -> None:
 
 
 COMMANDS: dict[str, Callable[[], None]] = {
-    "prep": _prep, "train": _train, "eval": _eval, "plan": _plan, "status": _status, "export": _export,
+    "prep": _prep, "train": _train, "eval": _eval, "plan": _plan, "status": _status, "compare": _compare,
+    "export": _export,
 }
 
 

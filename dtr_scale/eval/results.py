@@ -130,23 +130,21 @@ def metric_series(records: list[dict[str, Any]], metric: str) -> dict[str, list[
     return {name: sorted(points) for name, points in series.items()}
 
 
-def plot_results(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """A PNG of the main metric against training step, one line per averaging (RUN_DIR/eval/results.png)."""
+def plot_series(series: dict[str, list[tuple[int, float]]], metric: str, title: str, path: str | Path) -> Path:
+    """A PNG of one metric against training step, one line per series, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    records = read_results(run_dir)
-    metric = main_metric(records)
-    path = Path(path) if path is not None else eval_dir(run_dir) / PLOT_NAME
+    path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in metric_series(records, metric).items():
+    for name, points in series.items():
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o", label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} of {Path(run_dir).name}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -155,6 +153,14 @@ def plot_results(run_dir: str | Path, path: str | Path | None = None) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def plot_results(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """A PNG of the main metric against training step, one line per averaging (RUN_DIR/eval/results.png)."""
+    records = read_results(run_dir)
+    metric = main_metric(records)
+    return plot_series(metric_series(records, metric), metric, f"{metric} of {Path(run_dir).name}",
+                       path if path is not None else eval_dir(run_dir) / PLOT_NAME)
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
