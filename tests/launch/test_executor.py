@@ -58,9 +58,9 @@ def test_slurm_debug_preset_sbatch_flags(tmp_path, fake_srun):
 
 
 def test_real_cluster_template_sbatch_flags(tmp_path, fake_srun):
-    executor = make_executor(load_preset("example_cluster", world_size=32), tmp_path / "%j", steps=2_000_000)
+    executor = make_executor(load_preset("example_cluster", world_size=8), tmp_path / "%j", steps=2_000_000)
     text = sbatch_text(executor)
-    for line in ("#SBATCH --account=my_project", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8",
+    for line in ("#SBATCH --account=my_project", "#SBATCH --nodes=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --ntasks-per-node=8", "#SBATCH --cpus-per-task=10", "#SBATCH --mem=491520MB",
                  "#SBATCH --time=1440", "#SBATCH --signal=USR2@300", "#SBATCH --exclusive",
                  "#SBATCH --requeue", "module load cuda/12.4"):
