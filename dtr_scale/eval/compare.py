@@ -82,7 +82,7 @@ def compare(runs: list[Path], out_dir: Path) -> tuple[str, Path]:
     table = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(table + "\n")
-    plot = plot_series(series, metric, f"{metric}: " + " vs ".join(series), out_dir / "comparison.png")
+    plot = plot_series(series, metric, f"{metric} of {len(series)} runs", out_dir / "comparison.png")
     return table, plot
 
 
