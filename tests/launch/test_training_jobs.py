@@ -1,8 +1,7 @@
 """The real trainer as a submitit job: 2 gloo tasks of a tiny DiT with DTR + ANT-UW,
 preempted once (local executor) and twice (SLURM), reaching the uninterrupted job's
-weights bit for bit without training any step twice. (SLURM's real --time limit takes
-the same stop path; tests/launch/test_slurm_jobs.py runs it with the stand-in trainer,
-whose steps can be made slow enough to outlast the limit's 30 s resolution.)"""
+weights bit for bit without training any step twice; and on SLURM, through a real
+--time limit too."""
 
 from __future__ import annotations
 
@@ -23,13 +22,13 @@ from dtr_scale.train.metrics import read_metrics
 from launch_helpers import ledger_states, local_task_pids, results_within, wait_until
 
 
-def tiny_run(run_dir, steps: int) -> TrainConfig:
+def tiny_run(run_dir, steps: int, *, depth: int = 2, hidden_size: int = 64, batch: int = 16) -> TrainConfig:
     return to_train_config({
         "model": {"name": "DiT-S/2", "input_size": 8, "in_channels": 4, "num_classes": 4,
-                  "depth": 2, "hidden_size": 64, "num_heads": 4},
+                  "depth": depth, "hidden_size": hidden_size, "num_heads": 4},
         "routing": {"kind": "dtr"}, "weighting": {"kind": "ant_uw", "num_intervals": 4},
         "optimizer": {"lr": 1e-3}, "data": {"kind": "synthetic", "num_samples": 256},
-        "run_dir": str(run_dir), "steps": steps, "global_batch_size": 16, "world_size": 2, "ema_decay": 0.9,
+        "run_dir": str(run_dir), "steps": steps, "global_batch_size": batch, "world_size": 2, "ema_decay": 0.9,
         "sample_at_end": 0, "checkpoint": {"every": 10_000},  # only stops and the end write one
         "logging": {"every": 1, "wandb": "disabled"},  # one metrics line per step trained
     })
@@ -75,11 +74,33 @@ def test_local_job_preempted_matches_the_uninterrupted_job(tmp_path):
     assert_same_weights(cfg.run_dir, reference.run_dir)
 
 
+def slurm_debug(**overrides) -> ClusterConfig:
+    fields = dict(kind="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=60, signal_delay_s=30)
+    return ClusterConfig(**(fields | overrides))
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_slurm_job_through_a_real_time_limit_matches_the_uninterrupted_job(tmp_path):
+    # slurmctld sends USR2 30 to 60 s into a 2-minute job with a 60 s signal delay; these
+    # 900 steps of a wider DiT take over a minute, so the first job always hits the limit.
+    def wider(run_dir):
+        return tiny_run(run_dir, 900, depth=4, hidden_size=128, batch=64)
+
+    reference = wider(tmp_path / "reference")
+    run_to_end(reference, slurm_debug(), 400)
+    cfg = wider(tmp_path / "run")
+    results = run_to_end(cfg, slurm_debug(time_min=2, signal_delay_s=60), 600)
+    assert [(r.status, r.step) for r in results] == [("finished", 900)] * 2
+    requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
+    assert requeued and {r["reason"] for r in requeued} == {"time limit"}
+    assert trained_steps(cfg.run_dir) == list(range(1, 901))
+    assert_same_weights(cfg.run_dir, reference.run_dir)
+
+
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_job_preempted_twice_matches_the_uninterrupted_job(tmp_path):
     steps = 300
-    cluster = ClusterConfig(kind="slurm", partition="debug", tasks_per_node=2, cpus_per_task=1, time_min=60,
-                            signal_delay_s=30)
+    cluster = slurm_debug()
     reference = tiny_run(tmp_path / "reference", steps)
     run_to_end(reference, cluster, 300)
 
