@@ -241,6 +241,9 @@ class EvalConfig:
     # The process that trains the run, or follows its job, also scores due checkpoints as they
     # appear and the final one at the end. Off: evaluate with `dtr-scale eval` (e.g. as jobs).
     inline: bool = True
+    # The trainer submits an evaluation job (on `cluster`, or local processes) for each due
+    # checkpoint as soon as it is complete, instead of a watcher job following the run.
+    at_save: bool = False
     seed: int = 0  # sample i uses seed (seed, i): resumed or re-split jobs draw the same images
 
     def __post_init__(self) -> None:

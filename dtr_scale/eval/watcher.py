@@ -333,6 +333,24 @@ def all_settled(run_dir: str | Path, items: list[WorkItem], *, wait_for_jobs: bo
     return not any(in_flight(last[i.key]) for i in items if i.key not in done and i.key in last)
 
 
+def submit_at_save(cfg: TrainConfig) -> Callable[[Path, int], None] | None:
+    """eval.at_save: the trainer's checkpoint hook that submits an evaluation job for each due
+    checkpoint (a multiple of eval.every, or the last step) once it is complete."""
+    if not cfg.eval.at_save:
+        return None
+
+    def on_commit(checkpoint: Path, step: int) -> None:
+        if step % cfg.eval.every and step != cfg.steps:
+            return
+        try:
+            trigger(checkpoint, cfg, mode="submit", cluster=cfg.cluster)
+        except Exception as err:  # an evaluation that cannot be submitted must not stop training
+            log.warning("could not submit the evaluation of %s (%s: %s); `dtr-scale eval run_dir=%s` scores it later",
+                        checkpoint, type(err).__name__, err, cfg.run_dir)
+
+    return on_commit
+
+
 def trigger(checkpoint: str | Path, cfg: TrainConfig, *, mode: str = "inline",
             cluster: ClusterConfig | None = None, progress: bool = False) -> list[dict]:
     """Evaluate (or submit) one checkpoint now, e.g. from the trainer right after it saved;

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,10 @@ def retained(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
 class CheckpointManager:
     """Saves through a backend (asynchronously where it can) and commits complete checkpoints."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend, world):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend, world,
+                 on_commit: Callable[[Path, int], None] | None = None):
         self.root = checkpoint_dir(run_dir)
+        self.on_commit = on_commit  # rank 0, after a checkpoint is complete: (its directory, its step)
         self.cfg = cfg
         self.backend = backend
         self.world = world
@@ -192,6 +195,8 @@ class CheckpointManager:
             if e["step"] not in keep:
                 shutil.rmtree(self.root / e["name"], ignore_errors=True)
         log.info("checkpoint %s complete", final)
+        if self.on_commit is not None:
+            self.on_commit(final, step)
 
     def load_latest(self) -> dict[str, Any] | None:
         """Load the newest complete checkpoint into the backend; its meta, or None for a fresh run."""

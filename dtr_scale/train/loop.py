@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from dtr_scale.config import TrainConfig
 from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.objective import TrainingObjective
+from dtr_scale.eval.watcher import submit_at_save
 from dtr_scale.train.backends import make_backend
 from dtr_scale.train.checkpoint import CheckpointManager
 from dtr_scale.train.components import build_loader, build_model, build_objective, config_to_dict
@@ -159,7 +160,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     if phema is not None:
         backend.extra_state["phema"] = phema.ema
     loader = build_loader(cfg, world.rank, world.size)
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, backend, world)
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, backend, world, on_commit=submit_at_save(cfg))
 
     counters = Counters()
     meta = checkpoints.load_latest()

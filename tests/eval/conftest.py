@@ -104,3 +104,9 @@ def run_config(run_dir, **overrides) -> TrainConfig:
             node = node[name]
         node[leaf] = value
     return to_train_config(data)
+
+
+@pytest.fixture
+def digits_run_config():
+    """digits_run_config(data_path, run_dir) -> the tiny digits run's config as a dict, to adjust."""
+    return tiny_digits_config
