@@ -15,7 +15,7 @@ import submitit
 from tqdm import tqdm
 
 from dtr_scale.launch.ledger import ledger_path, read_status
-from dtr_scale.train.metrics import read_metrics
+from dtr_scale.train.metrics import last_logged
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,8 @@ class JobFailed(RuntimeError):
 
 
 def _progress(run_dir: Path, bar: tqdm) -> None:
-    records = read_metrics(run_dir)
-    if records:
-        last = records[-1]
+    last = last_logged(run_dir)
+    if last is not None:
         bar.update(last["step"] - bar.n)
         bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
     if ledger_path(run_dir).exists():

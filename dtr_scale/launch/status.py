@@ -8,7 +8,7 @@ from typing import Any
 
 from dtr_scale.launch.ledger import ledger_path, read_status
 from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
-from dtr_scale.train.metrics import read_metrics
+from dtr_scale.train.metrics import last_logged
 
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
@@ -22,8 +22,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     ckpt = latest_checkpoint(run_dir)
     status["checkpoint"] = str(ckpt) if ckpt else None
     status["checkpoint_step"] = read_meta(ckpt)["step"] if ckpt else None
-    metrics = read_metrics(run_dir)
-    status["last_logged"] = metrics[-1] if metrics else None
+    status["last_logged"] = last_logged(run_dir)
     return status
 
 

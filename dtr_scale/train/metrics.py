@@ -68,6 +68,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def last_logged(run_dir: str | Path, tail_bytes: int = 65536) -> dict | None:
+    """The newest complete record, read from the file's end (a long run's log is not re-read)."""
+    path = metrics_path(run_dir)
+    if not path.exists():
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(f.seek(0, 2) - tail_bytes, 0))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a killed writer, or by where the tail began
+    return None
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
         self.enabled = enabled

@@ -50,3 +50,14 @@ def test_a_failed_job_shows_its_error_log_and_requeues(trained_run):
 def test_a_missing_run_dir_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run directory at .*nowhere"):
         run_status(tmp_path / "nowhere")
+
+
+def test_the_last_logged_record_is_read_from_the_end_of_a_long_log(tmp_path):
+    import json
+
+    from dtr_scale.train.metrics import last_logged, metrics_path
+
+    lines = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 5001)]
+    metrics_path(tmp_path).write_text("\n".join(lines) + "\n" + '{"step": 5001, "lo')  # a torn last line
+    assert last_logged(tmp_path, tail_bytes=200) == {"step": 5000, "loss": 1.0 / 5000}
+    assert last_logged(tmp_path / "none") is None
