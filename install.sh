@@ -14,5 +14,5 @@ pip_install() {
 pip_install --upgrade "pip>=24"
 # torch and torchvision first: every other pin then resolves without backtracking.
 pip_install -c constraints.txt torch torchvision
-pip_install -c constraints.txt -e ".[dev]"
+pip_install -c constraints.txt -e ".[all,dev]"
 .venv/bin/python -c "import dtr_scale, torch; print(f'dtr-scale {dtr_scale.__version__} ready (torch {torch.__version__})')"

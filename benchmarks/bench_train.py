@@ -15,6 +15,8 @@
 (c) resume: wall time from spawning a fresh python process to the end of its first
     training step, resuming from a checkpoint and starting fresh, in parts: interpreter
     start, imports, setup (model, backend, loader), checkpoint load, first step.
+(d) weightings: mean step time of ant_nash and pcgrad relative to ant_uw (ddp, same
+    processes), over 25 steps, so ANT-Nash's solve (every 25 steps) is counted once.
 
 The model is DiT-S/2 with DTR and ANT-UW, shrunk by the options; data are synthetic
 latents. Figures are printed (and written as JSON with --out), never asserted.
@@ -50,17 +52,20 @@ BACKENDS = {
               "deepspeed_overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
 }
 WORLD_SIZE = 2
+WEIGHTINGS = ("ant_uw", "ant_nash", "pcgrad")
+WEIGHTING_STEPS = 25  # ANT-Nash solves every 25 steps: one solve per timed window
 
 
 def bench_config(args: argparse.Namespace, run_dir: Path, *, world_size: int, steps: int,
-                 backend: dict | None = None, every: int = 10**9, async_save: bool = True) -> TrainConfig:
+                 backend: dict | None = None, every: int = 10**9, async_save: bool = True,
+                 weighting: str = "ant_uw") -> TrainConfig:
     """The benchmark's DiT, data and logging; one metrics record per step."""
     from dtr_scale.config import to_train_config
 
     return to_train_config({
         "model": {"name": "DiT-S/2", "input_size": args.input_size, "num_classes": 10, "depth": args.depth,
                   "hidden_size": args.hidden_size, "num_heads": args.heads},
-        "routing": {"kind": "dtr"}, "weighting": {"kind": "ant_uw"},
+        "routing": {"kind": "dtr"}, "weighting": {"kind": weighting},
         "data": {"kind": "synthetic", "num_samples": 4096},
         "backend": backend or {"name": "ddp"},
         "checkpoint": {"every": every, "async_save": async_save, "keep_last": 1},
@@ -100,7 +105,8 @@ def run_jobs(configs: list[TrainConfig]) -> None:
 
 def compute_ms(record: dict) -> float:
     """One step's time without its checkpoint phase."""
-    return record["time_data_ms"] + record["time_forward_backward_ms"] + record["time_optimizer_ms"]
+    return (record["time_data_ms"] + record["time_forward_backward_ms"] + record["time_mtl_ms"]
+            + record["time_optimizer_ms"])
 
 
 def loop_ms(record: dict) -> float:
@@ -121,6 +127,17 @@ def backend_figures(runs: dict[str, list[str]], warmup: int) -> dict[str, dict]:
     return {name: {"median_step_ms": statistics.median(t), "ratio_to_ddp": statistics.median(t) / median,
                    "best_step_ms": min(t), "best_ratio_to_ddp": min(t) / best, "step_ms_all": t}
             for name, t in step_ms.items()}
+
+
+def weighting_figures(runs: dict[str, list[str]], warmup: int) -> dict[str, dict]:
+    """Mean step time per weighting (a mean, not a median: ANT-Nash's one solve step counts)."""
+    from dtr_scale.train.metrics import read_metrics
+
+    step_ms = {name: [statistics.mean(compute_ms(r) for r in read_metrics(d)[warmup:]) for d in dirs]
+               for name, dirs in runs.items()}
+    base = statistics.mean(step_ms["ant_uw"])
+    return {name: {"mean_step_ms": statistics.mean(t), "ratio_to_ant_uw": statistics.mean(t) / base,
+                   "mean_step_ms_per_round": t} for name, t in step_ms.items()}
 
 
 def checkpoint_figures(runs: dict[str, list[str]], every: int) -> dict[str, dict | float]:
@@ -218,9 +235,10 @@ def resume_figures(args: argparse.Namespace, root: Path) -> dict[str, dict]:
 
 # --- the run ---------------------------------------------------------------------------
 
-def distributed_figures(args: argparse.Namespace, root: Path) -> tuple[dict, dict]:
-    """(a) and (b) in one spawn of 2 processes, rounds interleaved."""
+def distributed_figures(args: argparse.Namespace, root: Path) -> tuple[dict, dict, dict]:
+    """(a), (b) and (d) in one spawn of 2 processes, rounds interleaved."""
     configs, backend_runs, ckpt_runs = [], {name: [] for name in BACKENDS}, {"async": [], "sync": []}
+    weighting_runs = {name: [] for name in WEIGHTINGS}
     ckpt_steps = args.ckpt_every * (args.saves + 1)
     for i in range(args.rounds):
         for name, backend in BACKENDS.items():
@@ -231,8 +249,13 @@ def distributed_figures(args: argparse.Namespace, root: Path) -> tuple[dict, dic
             configs.append(bench_config(args, root / f"ckpt-{mode}-{i}", world_size=WORLD_SIZE, steps=ckpt_steps,
                                         every=args.ckpt_every, async_save=mode == "async"))
             ckpt_runs[mode].append(configs[-1].run_dir)
+        for name in WEIGHTINGS:
+            configs.append(bench_config(args, root / f"weighting-{name}-{i}", world_size=WORLD_SIZE,
+                                        steps=args.warmup + WEIGHTING_STEPS, weighting=name))
+            weighting_runs[name].append(configs[-1].run_dir)
     run_jobs(configs)
-    return backend_figures(backend_runs, args.warmup), checkpoint_figures(ckpt_runs, args.ckpt_every)
+    return (backend_figures(backend_runs, args.warmup), checkpoint_figures(ckpt_runs, args.ckpt_every),
+            weighting_figures(weighting_runs, args.warmup))
 
 
 def print_table(args: argparse.Namespace, results: dict) -> None:
@@ -256,6 +279,9 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
     for name in ("fresh", "resume"):
         print(f"    {name:<6} " + "".join(f"{results['resume'][name][p]:11.2f}" for p in parts))
     print(f"    resume / fresh total: {results['resume']['resume']['total'] / results['resume']['fresh']['total']:.3f}")
+    print(f"(d) weightings on ddp x{WORLD_SIZE}, mean over {WEIGHTING_STEPS} steps x {args.rounds} rounds:")
+    for name, r in results["weighting"].items():
+        print(f"    {name:<8} {r['mean_step_ms']:8.1f} ms  ratio to ant_uw {r['ratio_to_ant_uw']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
                          hidden_size=args.hidden_size, num_heads=args.heads)
     results = {"args": vars(args), "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench_train-") as tmp:
-        results["backends"], results["checkpoint"] = distributed_figures(args, Path(tmp))
+        results["backends"], results["checkpoint"], results["weighting"] = distributed_figures(args, Path(tmp))
         results["resume"] = resume_figures(args, Path(tmp))
     print_table(args, results)
     if args.out:

@@ -17,6 +17,8 @@ import os
 import socket
 import tempfile
 
+from dtr_scale.io import atomic_write_text, read_json  # noqa: F401  (read_json: prep's JSON reader, names the file)
+
 PREP_NAME = "prep.json"
 CHUNK_META = "chunk.json"
 REPORT_NAME = "report.json"
@@ -69,19 +71,9 @@ def parts_of_chunks(chunks: list[int], num_chunks: int, num_parts: int) -> list[
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write to a temporary file in the same directory and rename: readers never see half a file."""
+    """Write atomically (readers never see half a file), keys sorted so reruns give the same bytes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # A name unique to this process (not mkstemp, whose 0600 mode would hide the file from other users).
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def check_output_dir(out: str) -> None:

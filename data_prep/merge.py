@@ -9,11 +9,14 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 
 from data_prep.layout import (CHUNK_META, PREP_NAME, REPORT_NAME, PrepError, chunk_dir, chunk_is_done,
                               chunk_ranges, parts_of_chunks, read_json, write_json_atomic)
-from data_prep.prepare import file_sha256, record_sha256
-from dtr_scale.data.shard_format import MANIFEST_NAME
+from data_prep.prepare import record_sha256
+from dtr_scale.data.shard_format import MANIFEST_NAME, file_sha256, tar_index_path
+from dtr_scale.io import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,8 @@ def build_report(prep: dict, metas: list[dict]) -> dict:
     for s in skipped:
         by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
     return {"source": prep["source"], "num_source_images": prep["num_items"],
-            "num_samples": sum(m["samples"] for m in metas), "skipped_by_reason": by_reason,
+            "num_samples": sum(m["samples"] for m in metas), "empty_class_folders": prep.get("empty_classes", []),
+            "skipped_by_reason": by_reason,
             "skipped": skipped, "converted": converted}
 
 
@@ -79,7 +83,30 @@ def build_manifest(prep: dict, metas: list[dict]) -> dict:
             "stored_layout": "moments[2 (image, hflip), 2C (posterior mean, std; unscaled), h, w]",
             "num_samples": sum(counts), "num_classes": len(counts), "count_per_class": counts,
             "num_source_images": prep["num_items"], "num_skipped": sum(len(m["skipped"]) for m in metas),
-            "shards": [s for m in metas for s in m["shards"]]}
+            "shards": [manifest_shard(m, s) for m in metas for s in m["shards"]]}
+
+
+def manifest_shard(meta: dict, shard: dict) -> dict:
+    """A shard's manifest entry: path, samples, sha256, and for a tar the sha256 of its offset index."""
+    index = os.path.basename(tar_index_path(shard["path"]))
+    return {**shard, "index_sha256": meta["files"][index]} if index in meta["files"] else shard
+
+
+def merge_mds_index(out: str, num_chunks: int) -> None:
+    """OUT/index.json over every chunk's index, replaced atomically: streaming's merge_index refuses to
+    overwrite an index, so it writes into a fresh directory and the result is renamed over the old one
+    (a rerun on a finished output rewrites the same index)."""
+    from streaming.base.util import merge_index
+
+    staging = tempfile.mkdtemp(prefix=".index-merge.tmp-", dir=out)
+    try:
+        with routine_warnings_hidden("", "streaming.base.storage.upload"):
+            merge_index([os.path.join(chunk_dir(out, c), "index.json") for c in range(num_chunks)], staging)
+        os.chmod(os.path.join(staging, "index.json"), 0o644)
+        os.replace(os.path.join(staging, "index.json"), os.path.join(out, "index.json"))
+        fsync_dir(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def merge(out: str) -> dict:
@@ -99,10 +126,7 @@ def merge(out: str) -> dict:
         raise PrepError(f"chunks {_spans(stale)} in {out} were written with other settings than {PREP_NAME}; "
                         "delete those chunk directories and rerun their parts")
     if prep["format"] == "mds":
-        from streaming.base.util import merge_index
-
-        with routine_warnings_hidden("", "streaming.base.storage.upload"):
-            merge_index([os.path.join(chunk_dir(out, c), "index.json") for c in range(num_chunks)], out)
+        merge_mds_index(out, num_chunks)
     report = build_report(prep, metas)
     write_json_atomic(os.path.join(out, REPORT_NAME), report)
     manifest = build_manifest(prep, metas)
@@ -111,6 +135,9 @@ def merge(out: str) -> dict:
     write_json_atomic(os.path.join(out, MANIFEST_NAME), manifest)
     log.info("merged %s: %d samples in %d shards, %d images skipped %s", out, manifest["num_samples"],
              len(manifest["shards"]), manifest["num_skipped"], report["skipped_by_reason"])
+    if report["empty_class_folders"]:
+        log.warning("%s: class folder(s) without images, left out of the labels: %s (listed in %s)", out,
+                    ", ".join(report["empty_class_folders"][:10]), os.path.join(out, REPORT_NAME))
     return manifest
 
 
@@ -119,6 +146,9 @@ def verify(out: str) -> list[str]:
     manifest = read_json(os.path.join(out, MANIFEST_NAME))
     def intact(shard: dict) -> bool:
         path = os.path.join(out, shard["path"])
-        return os.path.isfile(path) and file_sha256(path) == shard["sha256"]
+        files = [(path, shard["sha256"])]
+        if "index_sha256" in shard:
+            files.append((tar_index_path(path), shard["index_sha256"]))
+        return all(os.path.isfile(p) and file_sha256(p) == sha256 for p, sha256 in files)
 
     return [s["path"] for s in manifest["shards"] if not intact(s)]

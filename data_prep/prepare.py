@@ -29,7 +29,7 @@ from data_prep.layout import (CHUNK_META, PREP_NAME, PrepError, check_output_dir
                               tmp_chunk_dir, write_json_atomic)
 from data_prep.sources import ArraySource, FolderSource, listing_sha256
 from data_prep.writers import open_chunk_writer
-from dtr_scale.data.shard_format import FORMATS
+from dtr_scale.data.shard_format import FORMATS, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,18 @@ def prep_record(source: FolderSource | ArraySource, autoencoder: Autoencoder, se
     """Everything that fixes the content of the chunks; every part must write under the same record."""
     c, h, w = autoencoder.latent_shape(settings.resolution)
     return {"version": 1, "source": source.name, "num_items": len(source), "classes": source.classes,
-            "listing_sha256": listing_sha256(source), "autoencoder": autoencoder.id,
+            "empty_classes": source.empty_classes, "listing_sha256": listing_sha256(source), "autoencoder": autoencoder.id,
             "scale_factor": autoencoder.scale_factor, "latent_shape": [c, h, w], "stored_shape": [2, 2 * c, h, w],
             **asdict(settings)}
 
 
+# Describe the source, not the chunks' content: the path may differ between machines that mount the same
+# data (the listing hash covers it), and empty folders add nothing to the listing.
+SOURCE_ONLY = ("source", "empty_classes")
+
+
 def record_sha256(record: dict) -> str:
-    # The source path may differ between machines that mount the same data; the listing hash covers it.
-    same = {k: v for k, v in record.items() if k != "source"}
+    same = {k: v for k, v in record.items() if k not in SOURCE_ONLY}
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
@@ -73,21 +77,13 @@ def claim_output(out: str, record: dict) -> None:
     path = os.path.join(out, PREP_NAME)
     if os.path.exists(path):
         old = read_json(path)
-        changed = sorted(k for k in set(old) | set(record) if k != "source" and old.get(k) != record.get(k))
+        changed = sorted(k for k in set(old) | set(record) if k not in SOURCE_ONLY and old.get(k) != record.get(k))
         if changed:
             raise PrepError(f"{out} holds data prepared with other settings ({', '.join(changed)} differ, e.g. "
                             f"{changed[0]}: {str(old.get(changed[0]))[:80]} != {str(record.get(changed[0]))[:80]}); "
                             "use a new output directory, or the same source and settings to resume")
         return
     write_json_atomic(path, record)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_with_flip(autoencoder: Autoencoder, images: np.ndarray) -> np.ndarray:

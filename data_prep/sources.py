@@ -14,6 +14,7 @@ ImageNet synset list), which also catches a missing class folder instead of sile
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from PIL import Image
 
 from data_prep.images import DEFAULT_MAX_PIXELS, BadImage, open_image_bytes
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
@@ -94,6 +96,16 @@ def class_of(key: str) -> str | None:
     return head[:-4] if head.lower().endswith(".tar") else head
 
 
+def empty_class_folders(root: str, found_classes: set[str]) -> list[str]:
+    """Class folders (or class tars) directly under a directory root that hold no image: they get no
+    label, which the prep reports, because a later image there would shift the labels after it."""
+    if not os.path.isdir(root):
+        return []
+    entries = [n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) or n.lower().endswith(".tar")]
+    names = {n[:-4] if n.lower().endswith(".tar") else n for n in entries}
+    return sorted(names - found_classes)
+
+
 def assign_labels(found_classes: set[str], root: str, classes: list[str] | None) -> list[str]:
     if not found_classes:
         raise SourceError(f"no class folders in {root}: expected the ImageFolder layout ROOT/<class>/<image> "
@@ -122,6 +134,11 @@ class FolderSource:
         labelled = [(class_of(key), key, loc) for key, loc in found if class_of(key) is not None]
         self.name = os.path.abspath(root)
         self.classes = assign_labels({c for c, _, _ in labelled}, root, classes)
+        self.empty_classes = empty_class_folders(root, {c for c, _, _ in labelled})
+        if self.empty_classes:
+            log.warning("%d class folder(s) in %s hold no images and get no label: %s; labels are positions among "
+                        "the %d classes with images (pass --classes to fix the label order)",
+                        len(self.empty_classes), root, ", ".join(self.empty_classes[:10]), len(self.classes))
         label_of = {c: i for i, c in enumerate(self.classes)}
         labelled.sort(key=lambda row: (label_of[row[0]], row[1]))
         if not labelled:
@@ -151,6 +168,7 @@ class ArraySource:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise SourceError(f"source {name}: images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
         self.name, self.images, self.classes = name, images, list(classes)
+        self.empty_classes: list[str] = []
         self.labels = np.asarray(labels, dtype=np.int64)
         self.keys = [f"{name}/{i:06d}" for i in range(len(images))]
 

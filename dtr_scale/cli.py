@@ -3,13 +3,15 @@
     dtr-scale prep   images|merge|verify|digits ...   latent shards from images (dtr-prep)
     dtr-scale train  [hydra overrides]                train, here or as a SLURM/local job (dtr-train)
     dtr-scale eval   run_dir=RUN [hydra overrides]    score a run's checkpoints, or watch it
-    dtr-scale plan   [hydra overrides]                what a run will cost, before submitting it
-    dtr-scale status RUN_DIR                          jobs, checkpoint, throughput, results
+    dtr-scale plan   [--gpu TYPE] [hydra overrides]   what a run will cost, before submitting it
+    dtr-scale status RUN_DIR                          jobs, checkpoint, throughput, provenance, results
     dtr-scale compare RUN_DIR... | SWEEP_DIR          several runs' results: one table, one plot
     dtr-scale export CHECKPOINT OUT.safetensors       the EMA weights for a vanilla DiT
+    dtr-scale sample weights=PATH [classes=[1,2]] ... a PNG grid and ADM .npz from any DiT weights
+    dtr-scale --version
 
-`dtr-scale SUBCOMMAND --help` shows each one's options (for the Hydra ones: the
-config groups and an example).
+`dtr-scale SUBCOMMAND --help` shows each one's options. train, eval and plan share
+Hydra's command line: key=value, group=option, --cfg job, --config-dir DIR, -m.
 """
 
 from __future__ import annotations
@@ -18,8 +20,70 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from dtr_scale.config import TrainConfig
 
 log = logging.getLogger("dtr_scale")
+
+# The packaged configs; a user's --config-dir is searched first and layers on top.
+HYDRA_CONFIG_PATH = "pkg://dtr_scale.configs"
+NULL_CLUSTER = ("cluster=null", "cluster=None", "cluster=none")
+
+
+def hydra_overrides(command: str, args: list[str]) -> list[str]:
+    """The command line as Hydra gets it. `cluster=null` selects the `none` option (Hydra
+    cannot set a config group to null). For train, `run_dir=RUN` also sets hydra.run.dir=RUN:
+    a resumed run keeps its .hydra/ and train.log in RUN, not in a new runs/DATE/TIME."""
+    out = ["cluster=none" if arg in NULL_CLUSTER else arg for arg in args]
+    sweeping = "-m" in out or "--multirun" in out
+    if command == "train" and not sweeping and not any(arg.startswith("hydra.run.dir=") for arg in out):
+        run_dir = next((arg.split("=", 1)[1] for arg in out if arg.lstrip("+").startswith("run_dir=")), None)
+        if run_dir:
+            out.append(f"hydra.run.dir={run_dir}")
+    return out
+
+
+def split_flags(parser: argparse.ArgumentParser, args: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """A subcommand's own flags (before, between or after the overrides), and the rest for
+    Hydra. With --help the flags' help is printed first; Hydra's help (the config) follows."""
+    if "-h" in args or "--help" in args:
+        print(parser.format_help())
+    return parser.parse_known_args(args)
+
+
+def flag_parser(command: str) -> argparse.ArgumentParser:
+    """The parser a Hydra subcommand's own flags are added to (no -h: Hydra answers it)."""
+    return argparse.ArgumentParser(prog=f"dtr-scale {command}", add_help=False, allow_abbrev=False,
+                                   usage=f"dtr-scale {command} [flags] [key=value ...] [group=option ...]")
+
+
+def run_hydra(command: str, config_name: str, task: Callable[[DictConfig], None], args: list[str]) -> None:
+    """Compose configs/<config_name>.yaml with the overrides in `args` and call task(config);
+    --help, --cfg job, --config-dir and -m are Hydra's."""
+    import hydra
+
+    sys.argv = [f"dtr-scale {command}", *hydra_overrides(command, args)]
+    hydra.main(config_path=HYDRA_CONFIG_PATH, config_name=config_name, version_base="1.3")(task)()
+
+
+def exit_config_error(command: str, err: Exception) -> NoReturn:
+    """Every subcommand reports a config it cannot use the same way: the reason on stderr, status 2."""
+    print(f"dtr-scale {command}: config error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_or_exit(raw: DictConfig, command: str) -> TrainConfig:
+    """The typed config, or exit_config_error."""
+    from dtr_scale.config import ConfigError, to_train_config
+
+    try:
+        return to_train_config(raw)
+    except ConfigError as err:
+        exit_config_error(command, err)
 
 
 def _prep() -> None:
@@ -53,8 +117,9 @@ def _compare() -> None:
 
 
 def _status() -> None:
+    # Polled from login nodes: this path reads JSON files and never imports torch.
     parser = argparse.ArgumentParser(prog="dtr-scale status", description="Show a run's jobs, its last complete "
-                                     "checkpoint, throughput and evaluation results.")
+                                     "checkpoint, throughput, provenance and evaluation results.")
     parser.add_argument("run_dir", help="the run's directory (its run_dir)")
     args = parser.parse_args()
     from dtr_scale.eval.results import results_table
@@ -90,13 +155,24 @@ def _export() -> None:
         sys.exit(f"dtr-scale export: {err}")
 
 
+def _sample() -> None:
+    from dtr_scale.eval.sample_cli import main
+
+    main()
+
+
 COMMANDS: dict[str, Callable[[], None]] = {
     "prep": _prep, "train": _train, "eval": _eval, "plan": _plan, "status": _status, "compare": _compare,
-    "export": _export,
+    "export": _export, "sample": _sample,
 }
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--version"]:
+        from dtr_scale import __version__
+
+        print(f"dtr-scale {__version__}")
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         print(__doc__)
         sys.exit(0 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") else 2)

@@ -1,9 +1,11 @@
-"""Typed configuration: the Hydra config groups under `configs/` map onto these
+"""Typed configuration: the Hydra config groups under `dtr_scale/configs/` map onto these
 dataclasses, and the code uses the dataclasses directly.
 
-Unknown keys and wrong types are rejected by OmegaConf when a composed config
-is merged onto the schema (`to_train_config`); values are checked by each
-dataclass's `__post_init__`, so a bad setting fails before any work starts.
+TrainConfig is the schema train.yaml extends (stored in Hydra's ConfigStore by
+`dtr_scale.configs`), so Hydra rejects an unknown key or a wrong type while composing;
+`to_train_config` checks a composed config against it again (also a key Hydra appended
+with `+`), and each dataclass's `__post_init__` checks values, so a bad setting fails
+before any work starts.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from dtr_scale.diffusion.schedules import ddim_timesteps
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,9 @@ class ModelConfig:
     num_heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float | None = None
+    # Released weights (official DiT names: a .pt state dict or .safetensors) to start a fresh
+    # run from; a resume continues from its checkpoint and ignores this.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         from dtr_scale.models.dit import DIT_PRESETS
@@ -78,6 +85,7 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     schedule: str = "linear"  # linear | cosine
     learn_sigma: bool = True
+    prediction: str = "eps"  # eps | v | x0: the model's target (DiT, DTR: eps); sets the min-SNR form
     sampler: str = "ddpm"  # ddpm | ddim
     sampling_steps: int = 250
     ddim_eta: float = 0.0
@@ -86,38 +94,54 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _choice(self.schedule, "diffusion.schedule", ("linear", "cosine"))
+        _choice(self.prediction, "diffusion.prediction", ("eps", "v", "x0"))
         _choice(self.sampler, "diffusion.sampler", ("ddpm", "ddim"))
         _choice(self.guided_channels, "diffusion.guided_channels", ("all", "first3"))
         _require(self.num_timesteps >= 2, "diffusion.num_timesteps", "must be >= 2")
         _require(1 <= self.sampling_steps <= self.num_timesteps, "diffusion.sampling_steps",
                  f"got {self.sampling_steps}, must be in [1, {self.num_timesteps}]")
         _require(self.cfg_scale >= 1.0, "diffusion.cfg_scale", "must be >= 1 (1 disables guidance)")
+        if self.sampler == "ddim":
+            try:  # DiT's "ddimN" spacing exists only for some N
+                ddim_timesteps(self.num_timesteps, self.sampling_steps)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+
+# weightings that combine the k per-interval gradients (ANT-Nash, PCGrad) rather than the losses
+GRADIENT_WEIGHTINGS = ("ant_nash", "pcgrad")
 
 
 @dataclass
 class WeightingConfig:
-    kind: str = "uniform"  # uniform | min_snr | p2 | ant_uw
-    prediction: str = "eps"  # eps | v | x0: which min-SNR form
+    kind: str = "uniform"  # uniform | min_snr | p2 | ant_uw | ant_nash | pcgrad
     min_snr_gamma: float = 5.0
     p2_gamma: float = 1.0
     p2_k: float = 1.0
     # ANT interval clustering; intervals also drive per-interval loss logging.
     num_intervals: int = 8
     intervals: str = "uniform"  # uniform | snr_dp
-    stratified: bool = False  # stratified timestep sampling (forced on by ant_uw)
+    stratified: bool = False  # stratified timestep sampling (forced on by ant_uw, ant_nash, pcgrad)
     uw_lr: float = 0.025
     uw_weight_decay: float = 0.0
+    # ANT-Nash (Nash-MTL as in the ANT code): solve for the interval weights every `nash_update_every`
+    # steps with at most `nash_max_iter` convex problems; clip the gradient to `nash_max_grad_norm`.
+    nash_update_every: int = 25
+    nash_max_iter: int = 20
+    nash_max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        _choice(self.kind, "weighting.kind", ("uniform", "min_snr", "p2", "ant_uw"))
-        _choice(self.prediction, "weighting.prediction", ("eps", "v", "x0"))
+        _choice(self.kind, "weighting.kind", ("uniform", "min_snr", "p2", "ant_uw", "ant_nash", "pcgrad"))
         _choice(self.intervals, "weighting.intervals", ("uniform", "snr_dp"))
         _require(self.num_intervals >= 1, "weighting.num_intervals", "must be >= 1")
         _require(self.min_snr_gamma > 0, "weighting.min_snr_gamma", "must be > 0")
+        _require(self.nash_update_every >= 1, "weighting.nash_update_every", "must be >= 1")
+        _require(self.nash_max_iter >= 1, "weighting.nash_max_iter", "must be >= 1")
+        _require(self.nash_max_grad_norm > 0, "weighting.nash_max_grad_norm", "must be > 0")
 
     @property
     def stratify(self) -> bool:
-        return self.stratified or self.kind == "ant_uw"
+        return self.stratified or self.kind in ("ant_uw", *GRADIENT_WEIGHTINGS)
 
 
 @dataclass
@@ -245,6 +269,9 @@ class EvalConfig:
     # checkpoint as soon as it is complete, instead of a watcher job following the run.
     at_save: bool = False
     seed: int = 0  # sample i uses seed (seed, i): resumed or re-split jobs draw the same images
+    # phema:<s> refuses to reconstruct from a grid with snapshots missing (a different EMA than
+    # asked for); true reconstructs from the snapshots that are there, with a warning.
+    allow_missing_snapshots: bool = False
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "eval.every", "must be >= 1")
@@ -369,6 +396,13 @@ class TrainConfig:
                  f" / grad_accum {self.backend.grad_accum}) is not divisible by weighting.num_intervals={k}; "
                  f"stratified timestep sampling puts batch/k samples in each interval, so choose a batch "
                  f"that is a multiple of {k}")
+        if self.weighting.kind in GRADIENT_WEIGHTINGS:
+            _require(self.backend.name != "deepspeed", "backend.name",
+                     f"weighting={self.weighting.kind} needs the k per-interval gradients, which DeepSpeed ZeRO "
+                     f"does not expose; use backend=ddp or backend=fsdp")
+            _require(self.backend.grad_accum == 1, "backend.grad_accum",
+                     f"weighting={self.weighting.kind} takes the k per-interval gradients over the whole per-rank "
+                     f"batch; set backend.grad_accum=1 (use more processes, or activation checkpointing, for memory)")
 
     @property
     def micro_batch_size(self) -> int:
@@ -378,8 +412,46 @@ class TrainConfig:
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
     """Validate a composed Hydra config against the schema and build the dataclasses."""
     try:
+        if isinstance(cfg, DictConfig):
+            # As plain data: a key Hydra appended (`+routing.betta=...`) to a typed node is then
+            # an unknown key of the schema, not a silent extra attribute of the dataclass.
+            cfg = OmegaConf.to_container(cfg, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         # OmegaConf names the full key; drop its multi-line object dump.
         raise ConfigError(str(err).splitlines()[0] + f" (key: {getattr(err, 'full_key', '?')})") from None
+
+
+# What a run's checkpoints were trained with, and so what a resume must keep: the model, its
+# routing and loss weighting, the noise process, the data stream and the seed and global batch
+# that order it. Everything else (steps, evaluation, sampling, cluster, backend switches,
+# logging, checkpoint policy, data.path of moved shards) may change when a run is resumed.
+RESUME_FIXED = ("model", "routing", "weighting", "diffusion.num_timesteps", "diffusion.schedule",
+                "diffusion.learn_sigma", "diffusion.prediction", "data.kind", "data.format", "data.embedded",
+                "data.num_samples", "data.noise_std", "seed", "global_batch_size")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat |= _flatten(value, f"{prefix}{key}.")
+        return flat
+    return {prefix.rstrip("."): node}
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Compare the config a run's checkpoint was written with to the one resuming it:
+    (changes that would break the resume, harmless changes), each 'key: old -> new'. Keys
+    only one side has come from another version of the schema, not from the command line."""
+    before, after = _flatten(saved), _flatten(current)
+    breaking, harmless = [], []
+    for key in sorted(before.keys() & after.keys()):
+        old, new = before[key], after[key]
+        if old == new or key == "run_dir":
+            continue
+        change = f"{key}: {old!r} -> {new!r}"
+        fixed = any(key == f or key.startswith(f + ".") for f in RESUME_FIXED)
+        (breaking if fixed else harmless).append(change)
+    return breaking, harmless

@@ -5,6 +5,10 @@
 # that is already up is left alone; a second run only waits for the node.
 # Works without systemd and without cgroups. Stop it with slurm/stop-cluster.sh.
 #
+#   slurm/start-cluster.sh            this single-node cluster (nodes=1)
+#   slurm/start-cluster.sh nodes=2    a multi-node cluster, one network namespace per node
+#                                     (slurm/start-nodes.sh; both kinds can run side by side)
+#
 # Settings (environment):
 #   DTR_SLURM_STATE    state, logs, PID files      (default /var/lib/dtr-scale-slurm)
 #   DTR_SLURM_CPUS     CPUs the node advertises    (default max(nproc, 8): test jobs mostly sleep)
@@ -13,6 +17,13 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+NODES=1
+for arg in "$@"; do
+  case $arg in
+    nodes=*) NODES=${arg#nodes=} ;;
+    *) echo "start-cluster.sh: unknown argument $arg (expected nodes=N)" >&2; exit 2 ;;
+  esac
+done
 STATE=${DTR_SLURM_STATE:-/var/lib/dtr-scale-slurm}
 DB_PORT=${DTR_SLURM_DB_PORT:-3307}
 GRACE_S=${DTR_SLURM_GRACE_S:-30}
@@ -161,6 +172,7 @@ node_ready() {
 }
 
 install_packages
+[ "$NODES" = 1 ] || { exec 9>&-; exec bash "$HERE/start-nodes.sh" "nodes=$NODES"; }
 write_configs
 start_munge
 start_mariadb

@@ -5,6 +5,11 @@
 # database stay, so the next start is quick.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+case ${1:-nodes=1} in  # nodes=N (N > 1): the multi-node cluster of slurm/start-nodes.sh
+  nodes=1) ;;
+  nodes=*) exec bash "$HERE/stop-nodes.sh" ;;
+  *) echo "stop-cluster.sh: unknown argument $1 (expected nodes=N)" >&2; exit 2 ;;
+esac
 STATE=${DTR_SLURM_STATE:-/var/lib/dtr-scale-slurm}
 die() { echo "stop-cluster.sh: $*" >&2; exit 1; }
 
@@ -16,7 +21,7 @@ flock 9
 # shellcheck source=slurm/daemons.sh
 source "$HERE/daemons.sh"
 
-if [ -s "$STATE/started/slurmctld" ] && pid_is slurmctld "$(cat "$STATE/started/slurmctld")"; then
+if started_pid slurmctld >/dev/null; then
   # Job steps outlive slurmd; cancel them while the controller can still reach them.
   jobs=$(squeue -h -o %A 2>/dev/null || true)
   [ -n "$jobs" ] && { scancel $jobs >/dev/null 2>&1 || true; }

@@ -25,10 +25,14 @@ def test_without_a_subcommand_it_lists_them():
 def test_train_help_shows_the_config_groups_and_examples():
     out = run("train", "--help").stdout
     assert "Config groups (group=option):" in out
-    for group in ("model: dit_b2, dit_b4, dit_l2", "routing: dtr, none, random", "weighting: ant_uw, min_snr",
-                  "cluster: example_cluster, local, slurm_debug", "backend: ddp, deepspeed, fsdp"):
-        assert group in out
-    assert "experiment/dtr_paper: base, dit_l2_dtr_antuw_2m" in out
+    groups = {line.split(": ")[0]: set(line.split(": ")[1].split(", ")) for line in out.splitlines()
+              if ": " in line and not line.startswith(" ")}
+    assert {"dit_b2", "dit_l2", "dit_xl2", "tiny"} <= groups["model"]
+    assert {"dtr", "none", "random"} <= groups["routing"] and {"ant_uw", "min_snr", "uniform"} <= groups["weighting"]
+    assert {"example_cluster", "local", "none", "slurm_debug"} <= groups["cluster"]
+    assert {"ddp", "deepspeed", "fsdp"} <= groups["backend"]
+    assert {"base", "dit_l2_dtr_antuw_2m"} <= groups["experiment/dtr_paper"]
+    assert "  at_save: false" in out and "  zero_stage: 2" in out  # schema defaults no YAML file repeats
     assert "dtr-scale train experiment=dtr_paper/dit_l2_dtr_antuw_2m cluster=my_slurm" in out
 
 
@@ -53,3 +57,47 @@ def test_a_wrong_key_or_value_fails_before_any_work(tmp_path):
     assert "backend.zero_stage: got 4, DeepSpeed ZeRO has stages 1, 2, 3" in bad_value.stdout + bad_value.stderr
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "jobs.jsonl").exists()
     assert not (tmp_path / "data").exists()  # not even the digits were prepared
+
+
+def test_version():
+    from dtr_scale import __version__
+
+    done = run("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"dtr-scale {__version__}"
+
+
+def test_each_hydra_subcommand_has_its_own_help_with_its_flags_and_every_schema_default():
+    plan = run("plan", "--help").stdout
+    assert "--gpu TYPE" in plan and "dtr-scale plan [--gpu TYPE] [overrides]" in plan
+    assert "  at_save: false" in plan and "  inception: null" in plan  # schema defaults no YAML file repeats
+    evaluate = run("eval", "--help").stdout
+    assert "--checkpoint" in evaluate and "--retry-failed" in evaluate and "dtr-scale eval run_dir=RUN" in evaluate
+    assert "--gpu" not in evaluate and "dtr-scale train:" not in evaluate
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("global_batch_size=257", "global_batch_size: 257 is not divisible by world_size=2"),
+    ("backend.precision=fp16", "backend.precision: got 'fp16', expected one of fp32, bf16"),
+    ("cluster.gpus_per_node=4", "cluster.tasks_per_node: got 2 with gpus_per_node=4"),
+])
+def test_plan_explains_a_setting_that_cannot_work_on_stderr(override, reason, tmp_path):
+    done = run("plan", override, cwd=tmp_path)
+    assert done.returncode == 2 and f"dtr-scale plan: config error: {reason}" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cluster_null_and_none_both_train_in_this_process(tmp_path):
+    for spelling in ("cluster=none", "cluster=null"):
+        done = run("train", spelling, "--cfg", "job", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "\ncluster: null\n" in done.stdout
+
+
+def test_a_users_config_dir_layers_on_the_packaged_configs(tmp_path):
+    (tmp_path / "mine" / "cluster").mkdir(parents=True)
+    (tmp_path / "mine" / "cluster" / "my_slurm.yaml").write_text("kind: slurm\npartition: gpu_long\n"
+                                                                   "gpus_per_node: 8\ntasks_per_node: 8\n")
+    done = run("plan", "--config-dir", str(tmp_path / "mine"), "experiment=dtr_paper/dit_l2_dtr_antuw_2m",
+               "cluster=my_slurm", "--gpu", "a100_80gb", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "DiT-L/2 on 8 x a100_80gb" in done.stdout and "gpu_long" in done.stdout

@@ -1,4 +1,6 @@
-"""Config composition and validation: bad settings fail before training, naming the key."""
+"""Config composition and validation: train.yaml extends the TrainConfig schema (Hydra's
+ConfigStore), so every schema key is overridable, a wrong key or type is Hydra's error while
+composing, and bad values fail before training, naming the key."""
 
 import subprocess
 import sys
@@ -6,9 +8,12 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
-from dtr_scale.config import ConfigError, TrainConfig, to_train_config
-from dtr_scale.train.cli import CONFIG_DIR
+from dtr_scale.cli import hydra_overrides
+from dtr_scale.config import ConfigError, TrainConfig, resume_changes, to_train_config
+from dtr_scale.configs import CONFIG_DIR
+from dtr_scale.train.components import config_to_dict
 
 
 def composed(*overrides: str) -> TrainConfig:
@@ -26,13 +31,36 @@ def test_issue_example_override_line_composes():
     assert cfg.weighting.stratify
 
 
+def test_every_schema_key_is_overridable_even_where_no_yaml_file_repeats_it():
+    cfg = composed("eval.at_save=true", "eval.inception=/models/inception.pth", "backend.zero_stage=3",
+                   "health.spike_factor=7.5", "optimizer.grad_clip=1.0", "cluster.max_requeues=4")
+    assert (cfg.eval.at_save, cfg.eval.inception, cfg.backend.zero_stage) == (True, "/models/inception.pth", 3)
+    assert (cfg.health.spike_factor, cfg.optimizer.grad_clip, cfg.cluster.max_requeues) == (7.5, 1.0, 4)
+    assert cfg.backend.name == "ddp"  # zero_stage is only a value until backend=deepspeed uses it
+
+
+def test_the_paper_preset_takes_schema_only_keys_too():
+    cfg = composed("experiment=dtr_paper/dit_l2_dtr_antuw_2m", "cluster=example_cluster", "eval.at_save=true")
+    assert (cfg.model.name, cfg.steps, cfg.eval.at_save, cfg.cluster.kind, cfg.world_size) == (
+        "DiT-L/2", 2_000_000, True, "slurm", 8)
+
+
+def test_cluster_none_trains_in_this_process_and_null_means_the_same():
+    assert composed().cluster.kind == "local"
+    assert composed("cluster=none").cluster is None
+    assert composed(*hydra_overrides("train", ["cluster=null"])).cluster is None
+    assert composed("~cluster").cluster is None  # Hydra's own way to drop the group
+
+
 def test_unknown_key_is_named():
-    with pytest.raises(ConfigError, match=r"routing\.betta"):
-        composed("+routing.betta=0.5")
+    with pytest.raises(ConfigCompositionException, match=r"routing\.betta"):  # Hydra, while composing
+        composed("routing.betta=0.5")
+    with pytest.raises(ConfigError, match=r"Key 'betta' not in 'RoutingConfig' \(key: routing\.betta\)"):
+        composed("+routing.betta=0.5")  # Hydra appends it; the schema check refuses it
 
 
-def test_wrong_type_is_named():
-    with pytest.raises(ConfigError, match=r"steps"):
+def test_wrong_type_is_named_by_hydra_while_composing():
+    with pytest.raises(ConfigCompositionException, match=r"steps=many"):
         composed("steps=many")
 
 
@@ -57,10 +85,10 @@ def test_batch_not_divisible_by_intervals():
 def test_cli_rejects_a_bad_override_before_training(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "dtr_scale.train.cli", f"run_dir={tmp_path}/run", "routing.beta=0"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert run.returncode == 2
-    assert "routing.beta: got 0.0, must be in (0, 1]" in run.stdout + run.stderr
+    assert "dtr-scale train: config error: routing.beta: got 0.0, must be in (0, 1]" in run.stderr
     assert not (Path(tmp_path) / "run" / "checkpoints").exists()
 
 
@@ -75,3 +103,28 @@ def test_backend_settings_are_checked_before_any_process_starts():
         composed("global_batch_size=64", "world_size=2", "backend.grad_accum=3", "weighting=uniform")
     with pytest.raises(ConfigError, match=r"phema_stds: .*ZeRO-3"):
         composed("backend=deepspeed", "backend.zero_stage=3")
+
+
+def test_train_run_dir_also_places_hydras_outputs_there():
+    assert hydra_overrides("train", ["run_dir=runs/a", "steps=5"]) == ["run_dir=runs/a", "steps=5",
+                                                                      "hydra.run.dir=runs/a"]
+    assert hydra_overrides("train", ["steps=5"]) == ["steps=5"]  # a new run: runs/DATE/TIME
+    assert "hydra.run.dir=runs/a" not in hydra_overrides("train", ["-m", "run_dir=runs/a"])  # sweeps: their own
+    assert hydra_overrides("plan", ["run_dir=runs/a"]) == ["run_dir=runs/a"]  # planning writes nothing
+
+
+def test_a_resume_refuses_what_its_checkpoints_were_not_trained_with_and_allows_the_rest():
+    saved = config_to_dict(composed())
+    same = config_to_dict(composed())
+    assert resume_changes(saved, same) == ([], [])
+    changed = config_to_dict(composed("steps=3000", "eval.every=100", "cluster.time_min=30", "logging.every=10",
+                                      "checkpoint.every=100", "diffusion.cfg_scale=4.0", "world_size=4",
+                                      "model.depth=6", "seed=1", "global_batch_size=128", "data.format=webdataset",
+                                      "routing.beta=0.5", "weighting=min_snr", "diffusion.schedule=cosine"))
+    breaking, harmless = resume_changes(saved, changed)
+    assert breaking == ["data.format: 'mds' -> 'webdataset'", "diffusion.schedule: 'linear' -> 'cosine'",
+                        "global_batch_size: 64 -> 128", "model.depth: 4 -> 6", "routing.beta: 0.8 -> 0.5",
+                        "seed: 0 -> 1", "weighting.kind: 'ant_uw' -> 'min_snr'", "weighting.stratified: True -> False"]
+    assert harmless == ["checkpoint.every: 200 -> 100",
+                        "cluster.tasks_per_node: 2 -> 4", "cluster.time_min: 1440 -> 30", "diffusion.cfg_scale: 1.5 -> 4.0", "eval.every: 200 -> 100",
+                        "logging.every: 50 -> 10", "steps: 1000 -> 3000", "world_size: 2 -> 4"]

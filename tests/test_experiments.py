@@ -25,6 +25,10 @@ ROWS = {  # SPEC 5, 400K table: (routing kind, weighting kind)
     "ant_uw": ("none", "ant_uw"),
     "ant_uw_dtr": ("dtr", "ant_uw"),
     "random_routing": ("random", "uniform"),  # R-TR
+    "ant_nash": ("none", "ant_nash"),  # the MTL optimisation methods DTR composes with
+    "ant_nash_dtr": ("dtr", "ant_nash"),
+    "pcgrad": ("none", "pcgrad"),
+    "pcgrad_dtr": ("dtr", "pcgrad"),
 }
 TABLE = {f"dtr_paper/400k/dit_{size}_{row}": (model, routing, weighting, 400_000)
          for size, model in SIZES.items() for row, (routing, weighting) in ROWS.items()}
@@ -40,7 +44,7 @@ def presets() -> dict[str, TrainConfig]:
 def test_the_presets_are_the_400k_table_for_three_sizes_and_the_headline_run():
     files = {str(p.relative_to(PRESET_DIR).with_suffix("")) for p in (PRESET_DIR / "dtr_paper").rglob("*.yaml")}
     assert files - {"dtr_paper/base"} == set(PRESETS)
-    assert len(TABLE) == 21
+    assert len(TABLE) == 33
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -85,15 +89,18 @@ def test_preset_routes_and_weights_with_the_papers_settings(presets, name):
         assert (r.beta, r.alpha) == (0.8, 4.0)  # SPEC 2 defaults
     if r.kind == "random":
         assert r.beta == 0.8  # R-TR activates as many channels as DTR
-    if w.kind == "ant_uw":
-        # SPEC 4: k = 8 uniform intervals, stratified timesteps, UW log-variances at lr 0.025, wd 0
-        assert (w.num_intervals, w.intervals, w.stratified) == (8, "uniform", True)
-        assert (w.uw_lr, w.uw_weight_decay) == (0.025, 0.0)
+    if w.kind in ("ant_uw", "ant_nash", "pcgrad"):
+        # SPEC 4: k = 8 uniform intervals, stratified timesteps
+        assert (w.num_intervals, w.intervals, w.stratify) == (8, "uniform", True)
         assert cfg.micro_batch_size % 8 == 0
+    if w.kind == "ant_uw":  # UW log-variances at lr 0.025, wd 0
+        assert (w.uw_lr, w.uw_weight_decay) == (0.025, 0.0)
+    if w.kind == "ant_nash":  # Nash-MTL: solve every 25 steps, at most 20 convex iterations, clip at 1
+        assert (w.nash_update_every, w.nash_max_iter, w.nash_max_grad_norm) == (25, 20, 1.0)
     else:
         assert not w.stratify  # the baselines sample t uniformly
     if w.kind == "min_snr":
-        assert (w.min_snr_gamma, w.prediction) == (5.0, "eps")
+        assert (w.min_snr_gamma, cfg.diffusion.prediction) == (5.0, "eps")
 
 
 def test_base_states_the_recipe_itself_not_through_train_yaml():

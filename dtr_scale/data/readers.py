@@ -4,6 +4,9 @@ Both formats are read by position so that one sampler (order.py) decides the ord
 through streaming's random-access reader (`LocalDataset` finds a sample's bytes); webdataset tars through
 the per-shard offset index written beside each tar at prep time (`build_tar_index`).
 Readers open files per read and hold no handles, so they are safe to build before DataLoader workers fork.
+Each shard is checked against the sha256 that prep recorded in manifest.json the first time a reader
+(one per DataLoader worker) reads from it, so a damaged shard stops training with its name, never feeds
+it wrong numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 
 import numpy as np
 
-from dtr_scale.data.shard_format import ShardDataError, build_tar_index, tar_index_path
+from dtr_scale.data.shard_format import ShardDataError, build_tar_index, check_shard, tar_index_path
 
 
 def fixed_column_offsets(column_names: list[str], column_sizes: list[int | None]) -> dict[str, int]:
@@ -40,7 +43,15 @@ class MDSReader:
     def __init__(self, root: str, manifest: dict) -> None:
         from streaming import LocalDataset  # heavy import, only where MDS is read
 
-        self._dataset = LocalDataset(local=root)
+        try:
+            self._dataset = LocalDataset(local=root)
+        except (ValueError, KeyError, TypeError) as err:  # a damaged index.json (JSONDecodeError is a ValueError)
+            raise ShardDataError(f"{os.path.join(root, 'index.json')} cannot be read ({type(err).__name__}: {err}); "
+                                 f"rerun `dtr-prep merge {root}` to rewrite it") from err
+        self._root = root
+        sums = {shard["path"]: shard["sha256"] for shard in manifest["shards"]}
+        self._sha256 = [sums.get(s.raw_data.basename) for s in self._dataset.shards]
+        self._checked: set[int] = set()
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
         self._count = int(np.prod(self._shape))
@@ -56,6 +67,11 @@ class MDSReader:
     def read(self, position: int) -> tuple[np.ndarray, int]:
         """(moments [2, 2C, h, w], label) of the sample at this global position."""
         shard, index = self._dataset.spanner[position]
+        if shard not in self._checked:
+            raw = self._dataset.shards[shard].raw_data
+            check_shard(self._root, os.path.join(self._root, raw.basename), self._sha256[shard],
+                        expected_bytes=raw.bytes, position=position)
+            self._checked.add(shard)
         data = self._dataset.shards[shard].get_sample_data(index)
         offsets = self._offsets[shard]
         moments = np.frombuffer(data, self._dtype, self._count, offsets["moments"]).reshape(self._shape)
@@ -64,6 +80,8 @@ class MDSReader:
 
 class TarReader:
     def __init__(self, root: str, manifest: dict) -> None:
+        self._root = root
+        self._shards = manifest["shards"]
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -75,17 +93,21 @@ class TarReader:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _index(self, shard: int) -> np.ndarray:
+    def _index(self, shard: int, position: int) -> np.ndarray:
+        """The shard's offset index, after checking the shard (and its index file) against the manifest."""
         if shard not in self._indexes:
-            path = self._paths[shard]
+            path, entry = self._paths[shard], self._shards[shard]
+            check_shard(self._root, path, entry["sha256"], position=position)
             sidecar = tar_index_path(path)
+            if os.path.exists(sidecar) and "index_sha256" in entry:
+                check_shard(self._root, sidecar, entry["index_sha256"], position=position)
             self._indexes[shard] = np.load(sidecar) if os.path.exists(sidecar) else build_tar_index(path)
         return self._indexes[shard]
 
     def read(self, position: int) -> tuple[np.ndarray, int]:
         """(moments [2, 2C, h, w], label) of the sample at this global position."""
         shard = int(np.searchsorted(self._starts, position, side="right")) - 1
-        offset, nbytes, label = self._index(shard)[position - self._starts[shard]]
+        offset, nbytes, label = self._index(shard, position)[position - self._starts[shard]]
         with open(self._paths[shard], "rb", buffering=0) as f:
             f.seek(int(offset))
             data = f.read(int(nbytes))

@@ -1,5 +1,8 @@
-"""Gaussian diffusion with epsilon prediction and learned (interpolated) variance,
-as in improved-DDPM and DiT.
+"""Gaussian diffusion with learned (interpolated) variance, as in improved-DDPM and DiT.
+
+The model predicts one target (`prediction`): epsilon (DiT, DTR), v = sqrt(abar) eps -
+sqrt(1 - abar) x0 (Salimans & Ho 2022) or x0. The MSE is taken on that target; the VB
+term and the samplers convert the prediction to x0 and epsilon.
 
 `GaussianDiffusion` holds one schedule; a respaced sampler is the same class
 built on a subset of the original timesteps (`respaced`), with `timestep_map`
@@ -15,7 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dtr_scale.diffusion.schedules import make_betas, space_timesteps
+from dtr_scale.diffusion.schedules import ddim_timesteps, make_betas, space_timesteps
+
+PREDICTIONS = ("eps", "v", "x0")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original t) -> model output
 
@@ -56,12 +61,16 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
 
 @dataclass
 class DiffusionLosses:
-    mse: torch.Tensor  # [N] per-sample MSE on epsilon
+    mse: torch.Tensor  # [N] per-sample MSE on the prediction target
     vb: torch.Tensor  # [N] per-sample variational bound term (bits/dim); zeros without learned sigma
 
 
 class GaussianDiffusion:
-    def __init__(self, betas: np.ndarray, learn_sigma: bool = True, timestep_map: np.ndarray | None = None):
+    def __init__(self, betas: np.ndarray, learn_sigma: bool = True, timestep_map: np.ndarray | None = None,
+                 prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+        self.prediction = prediction
         self.betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(self.betas)
         self.learn_sigma = learn_sigma
@@ -82,16 +91,20 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
     @classmethod
-    def from_schedule(cls, schedule: str = "linear", num_timesteps: int = 1000, learn_sigma: bool = True) -> "GaussianDiffusion":
-        return cls(make_betas(schedule, num_timesteps), learn_sigma)
+    def from_schedule(cls, schedule: str = "linear", num_timesteps: int = 1000, learn_sigma: bool = True,
+                      prediction: str = "eps") -> "GaussianDiffusion":
+        return cls(make_betas(schedule, num_timesteps), learn_sigma, prediction=prediction)
 
-    def respaced(self, steps: int) -> "GaussianDiffusion":
+    def respaced(self, steps: int, sampler: str = "ddpm") -> "GaussianDiffusion":
         """A sampler over `steps` of this schedule's timesteps, with betas recomputed so that
-        its alphas_cumprod are the originals at the kept steps (improved-DDPM Sec. 4)."""
-        keep = space_timesteps(self.num_timesteps, steps)
+        its alphas_cumprod are the originals at the kept steps (improved-DDPM Sec. 4).
+        DDPM strides evenly through 0..T-1; DDIM uses DiT's "ddimN" spacing (stride T // N from 0)."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        keep = (ddim_timesteps if sampler == "ddim" else space_timesteps)(self.num_timesteps, steps)
         abar = self.alphas_cumprod[keep]
         betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(betas, self.learn_sigma, self.timestep_map[keep])
+        return GaussianDiffusion(betas, self.learn_sigma, self.timestep_map[keep], self.prediction)
 
     # forward process ---------------------------------------------------------
 
@@ -105,28 +118,54 @@ class GaussianDiffusion:
                 + _extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t)
         return mean, _extract(self.posterior_log_variance_clipped, t, x_t.ndim)
 
+    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model is trained to output at x_t = q_sample(x0, t, noise)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022, eq. 7 ff.)
+        return (_extract(self.sqrt_alphas_cumprod, t, x0.ndim) * noise
+                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
     # reverse process ---------------------------------------------------------
 
     def split_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps, log variance) from the model output; learned sigma interpolates between
+        """(prediction, log variance) from the model output; learned sigma interpolates between
         the posterior variance and beta_t in log space (improved-DDPM eq. 15)."""
         if not self.learn_sigma:
             logvar = np.log(np.append(self.posterior_variance[1], self.betas[1:]))
             return out, _extract(logvar, t, x_t.ndim).expand_as(x_t)
-        eps, v = out.chunk(2, dim=1)
+        pred, v = out.chunk(2, dim=1)
         min_log = _extract(self.posterior_log_variance_clipped, t, x_t.ndim)
         max_log = _extract(np.log(self.betas), t, x_t.ndim)
         frac = (v + 1) / 2
-        return eps, frac * max_log + (1 - frac) * min_log
+        return pred, frac * max_log + (1 - frac) * min_log
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
         return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
                 - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
 
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        # the same relation solved for eps
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim)
+
+    def x0_from_prediction(self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The x0 that the model's prediction of its target implies at x_t."""
+        if self.prediction == "eps":
+            return self.predict_x0(x_t, t, pred)
+        if self.prediction == "x0":
+            return pred
+        # x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+        return (_extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+                - _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * pred)
+
     def p_mean_variance(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                         clip_denoised: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        eps, logvar = self.split_output(out, x_t, t)
-        x0 = self.predict_x0(x_t, t, eps)
+        pred, logvar = self.split_output(out, x_t, t)
+        x0 = self.x0_from_prediction(x_t, t, pred)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, x_t, t)
@@ -148,13 +187,14 @@ class GaussianDiffusion:
 
     def training_losses(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                         noise: torch.Tensor) -> DiffusionLosses:
-        """DiT's loss terms for a model output `out` at x_t: MSE on epsilon, plus the VB
-        term that trains the variance on a stop-gradient of the mean."""
+        """DiT's loss terms for a model output `out` at x_t: MSE on the prediction target, plus
+        the VB term that trains the variance on a stop-gradient of the mean."""
+        target = self.training_target(x0, t, noise)
         if not self.learn_sigma:
-            return DiffusionLosses(mse=mean_flat((noise - out) ** 2), vb=torch.zeros(len(t), device=out.device))
-        eps, v = out.chunk(2, dim=1)
-        frozen = torch.cat([eps.detach(), v], dim=1)
-        return DiffusionLosses(mse=mean_flat((noise - eps) ** 2), vb=self.vb_terms_bpd(frozen, x0, x_t, t))
+            return DiffusionLosses(mse=mean_flat((target - out) ** 2), vb=torch.zeros(len(t), device=out.device))
+        pred, v = out.chunk(2, dim=1)
+        frozen = torch.cat([pred.detach(), v], dim=1)
+        return DiffusionLosses(mse=mean_flat((target - pred) ** 2), vb=self.vb_terms_bpd(frozen, x0, x_t, t))
 
     # sampling ----------------------------------------------------------------
 
@@ -167,10 +207,9 @@ class GaussianDiffusion:
                     eta: float = 0.0) -> torch.Tensor:
         # DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic
         out = model_fn(x, self.model_timesteps(t))
-        eps, _ = self.split_output(out, x, t)
-        x0 = self.predict_x0(x, t, eps)
-        eps = (_extract(self.sqrt_recip_alphas_cumprod, t, x.ndim) * x - x0) / _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x.ndim)
+        pred, _ = self.split_output(out, x, t)
+        x0 = self.x0_from_prediction(x, t, pred)
+        eps = self.predict_eps(x, t, x0)  # from x0, as DiT does, whatever the target
         abar = _extract(self.alphas_cumprod, t, x.ndim)
         abar_prev = _extract(self.alphas_cumprod_prev, t, x.ndim)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)

@@ -13,6 +13,7 @@ from torch import nn
 
 from dtr_scale.config import WeightingConfig
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
+from dtr_scale.diffusion.mtl import NashState, nash_weighted_loss
 from dtr_scale.diffusion.schedules import snr as snr_of
 from dtr_scale.diffusion.weighting import (
     UncertaintyWeighting,
@@ -46,6 +47,7 @@ class TrainingObjective(nn.Module):
         self.register_buffer("boundaries", torch.from_numpy(bounds), persistent=False)
         self.register_buffer("snr", torch.from_numpy(snr).float(), persistent=False)
         self.uw = UncertaintyWeighting(cfg.num_intervals) if cfg.kind == "ant_uw" else None
+        self.nash = NashState(cfg.num_intervals) if cfg.kind == "ant_nash" else None
 
     @property
     def num_intervals(self) -> int:
@@ -59,7 +61,8 @@ class TrainingObjective(nn.Module):
     def sample_weights(self, t: torch.Tensor) -> torch.Tensor:
         snr = self.snr[t]
         if self.cfg.kind == "min_snr":
-            return min_snr_weight(snr, self.cfg.min_snr_gamma, self.cfg.prediction)
+            # the form for the target the MSE is taken on, so weight and target cannot disagree
+            return min_snr_weight(snr, self.cfg.min_snr_gamma, self.diffusion.prediction)
         if self.cfg.kind == "p2":
             return p2_weight(snr, self.cfg.p2_gamma, self.cfg.p2_k)
         return torch.ones_like(snr)
@@ -71,11 +74,13 @@ class TrainingObjective(nn.Module):
         terms = self.diffusion.training_losses(out.float(), x0, x_t, t, noise)
         interval = interval_index(t, self.boundaries)
         k = self.num_intervals
+        # differentiable: ANT-UW weighs, ANT-Nash and PCGrad differentiate, each interval's whole
+        # loss MSE + VB (the trainer detaches for logs)
+        per_interval, counts = interval_means(terms.mse + terms.vb, interval, k)
         if self.uw is not None:
-            mse_per_interval, _ = interval_means(terms.mse, interval, k)
-            weighted_mse = self.uw(mse_per_interval)
-        else:
-            weighted_mse = (self.sample_weights(t) * terms.mse).mean()
-        with torch.no_grad():
-            per_interval, counts = interval_means(terms.mse + terms.vb, interval, k)
+            return StepLoss(self.uw(per_interval), terms.mse, terms.vb, per_interval, counts)
+        if self.nash is not None:
+            return StepLoss(nash_weighted_loss(per_interval, self.nash.alpha), terms.mse, terms.vb, per_interval, counts)
+        # per-sample weights multiply the MSE only; the VB term stays unweighted
+        weighted_mse = (self.sample_weights(t) * terms.mse).mean()
         return StepLoss(weighted_mse + terms.vb.mean(), terms.mse, terms.vb, per_interval, counts)

@@ -45,3 +45,15 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
         return [0]
     stride = (num_timesteps - 1) / (steps - 1)
     return [round(i * stride) for i in range(steps)]
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """DiT's / improved-DDPM's `space_timesteps(T, "ddimN")`: the smallest integer stride whose
+    range from 0 holds exactly `steps` timesteps (0, 20, ..., 980 for 50 of 1000)."""
+    for stride in range(1, num_timesteps):
+        kept = list(range(0, num_timesteps, stride))
+        if len(kept) == steps:
+            return kept
+    raise ValueError(f"diffusion.sampling_steps={steps}: no integer stride gives exactly {steps} DDIM steps "
+                     f"out of {num_timesteps} (as in DiT); choose a count such as {num_timesteps // 20} "
+                     f"or {num_timesteps // 4}")

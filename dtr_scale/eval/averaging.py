@@ -13,6 +13,7 @@ it the snapshots and the other checkpoints, follow from its path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from dtr_scale.eval.sample import load_model
 from dtr_scale.models import DiT
 from dtr_scale.train.checkpoint import complete_checkpoints, read_meta
 from dtr_scale.train.components import build_model, config_from_dict
+from dtr_scale.train.phema_snapshots import MissingSnapshotsError, require_snapshots
 
+log = logging.getLogger(__name__)
 SNAPSHOT_GLOB = "phema-*.safetensors"  # dtr_scale.train.phema_snapshots.snapshot_name; tmp files start with "."
 
 
@@ -42,27 +45,29 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     return int(read_meta(checkpoint)["step"])
 
 
-def averaged_model(checkpoint: str | Path, spec: str) -> tuple[DiT, TrainConfig]:
-    """The model (eval mode, CPU) with the weights `spec` names for `checkpoint`, and the run's config."""
+def averaged_model(checkpoint: str | Path, spec: str, *,
+                   allow_missing_snapshots: bool = False) -> tuple[DiT, TrainConfig]:
+    """The model (eval mode, CPU) with the weights `spec` names for `checkpoint`, and the run's config.
+    phema:<s> first checks that every snapshot due by the checkpoint's step is there."""
     kind, arg = parse_averaging(spec)
     if kind in ("ema", "raw"):
         return load_model(checkpoint, use_ema=kind == "ema")
     cfg = config_from_dict(read_meta(checkpoint)["config"])
     step = checkpoint_step(checkpoint)
     if kind == "phema":
+        try:  # (with none at all, posthoc_ema_state says how to get them)
+            if any((run_dir_of(checkpoint) / "phema").glob(SNAPSHOT_GLOB)):
+                require_snapshots(run_dir_of(checkpoint), cfg, step)
+        except MissingSnapshotsError as err:
+            if not allow_missing_snapshots:
+                raise AveragingError(f"{spec}: {err} (or set eval.allow_missing_snapshots=true)") from None
+            log.warning("%s: %s; reconstructing from the snapshots present", spec, err)
         state = posthoc_ema_state(run_dir_of(checkpoint), step, float(arg))
     else:
         state = window_state(run_dir_of(checkpoint), step, int(arg))
-    return load_averaged_state(build_model(cfg), state).eval(), cfg
-
-
-def load_averaged_state(model: DiT, state: Mapping[str, torch.Tensor]) -> DiT:
-    # Buffers (pos_embed) are fixed tables built from the config; post-hoc EMA coefficients do
-    # not add up to exactly 1, so combining them would scale the table. Keep the model's own.
-    parameters = {name for name, _ in model.named_parameters()}
-    buffers = {name: value for name, value in model.state_dict().items() if name not in parameters}
-    model.load_state_dict({**state, **buffers})
-    return model
+    model = build_model(cfg, load_init=False)
+    model.load_state_dict(state)
+    return model.eval(), cfg
 
 
 class SafetensorsFile(Mapping):

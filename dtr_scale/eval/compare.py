@@ -1,11 +1,13 @@
-"""`dtr-scale compare`: several runs' evaluation results side by side (one table, one plot),
-e.g. the three runs of the paper in miniature:
+"""`dtr-scale compare`: several runs' evaluation results side by side (tables and a plot),
+e.g. the runs of the paper in miniature, three seeds each:
 
-    dtr-scale train -m experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw
+    dtr-scale train -m experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw seed=0,1,2
     dtr-scale compare multirun/DATE/TIME            # its runs: the numbered subfolders
 
-Runs are named by what differs between their configs (routing, weighting, ...); only results
-with the same sampler settings are compared (the most common settings, unless told).
+Runs are grouped by the settings that differ between their configs (routing, weighting, ...)
+except the seed: a group is one configuration trained from several seeds, shown as the mean and
+standard deviation over its seeds at each step (a band in the plot). Only results with the same
+sampler settings are compared (the most common settings, unless told).
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dtr_scale.eval.results import (KEY_FIELDS, eval_dir, format_metric, main_metric, plot_series, read_results,
-                                    record_key, results_path)
+import numpy as np
+
 from dtr_scale.eval.cli import saved_run_config
+from dtr_scale.eval.results import (KEY_FIELDS, METRICS, eval_dir, format_metric, main_metric, read_results,
+                                    record_key, results_path)
+from dtr_scale.io import atomic_write_text
+from dtr_scale.plots.figure import Curve, Panel, draw_panels
 
 NAMING_KEYS = ("model.name", "routing.kind", "weighting.kind", "routing.beta", "routing.alpha",
                "weighting.num_intervals", "optimizer.lr", "global_batch_size", "seed")
+STD_DDOF = 1  # the sample standard deviation over seeds (n - 1 in the denominator)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -31,10 +38,15 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         if results_path(path).exists():
             runs.append(path)
         elif path.is_dir():
-            runs += sorted((p for p in path.iterdir() if results_path(p).exists()), key=lambda p: p.name)
+            runs += sorted((p for p in path.iterdir() if results_path(p).exists()), key=_folder_order)
     if not runs:
         raise FileNotFoundError(f"no evaluated run under {', '.join(map(str, paths))} (looked for eval/results.jsonl)")
     return runs
+
+
+def _folder_order(path: Path) -> tuple:
+    """Hydra's sweep subfolders 0, 1, ..., 10 in number order."""
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
 
 
 def _setting(config: dict[str, Any], dotted: str) -> Any:
@@ -44,19 +56,28 @@ def _setting(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def run_names(runs: list[Path]) -> dict[Path, str]:
-    """Each run named by the settings that differ between the runs (its folder name if none do)."""
-    configs = {run: saved_run_config(run) for run in runs}
-    varying = [k for k in NAMING_KEYS if len({repr(_setting(c, k)) for c in configs.values()}) > 1]
-    if not varying:
-        return {run: run.name for run in runs}
-    return {run: ", ".join(f"{_label(k)} {_setting(configs[run], k)}" for k in varying) for run in runs}
-
-
 def _label(dotted: str) -> str:
     """routing.kind -> routing, routing.beta -> beta, seed -> seed."""
     group, _, leaf = dotted.rpartition(".")
     return group if leaf in ("kind", "name") else leaf
+
+
+def _varying(configs: dict[Path, dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
+    return [k for k in keys if len({repr(_setting(c, k)) for c in configs.values()}) > 1]
+
+
+def run_groups(runs: list[Path]) -> dict[str, list[Path]]:
+    """{group name: its runs}: runs that differ only in their seed form one group, named by the
+    settings that differ between groups; with nothing but seeds differing, one group "all runs"."""
+    configs = {run: saved_run_config(run) for run in runs}
+    varying = _varying(configs, tuple(k for k in NAMING_KEYS if k != "seed"))
+    if not varying and not _varying(configs, ("seed",)):
+        return {run.name: [run] for run in runs}  # the same config and seed: repeats, kept apart
+    groups: dict[str, list[Path]] = {}
+    for run in runs:
+        name = ", ".join(f"{_label(k)} {_setting(configs[run], k)}" for k in varying) or "all runs"
+        groups.setdefault(name, []).append(run)
+    return groups
 
 
 def common_settings(records: list[dict[str, Any]]) -> tuple:
@@ -64,26 +85,88 @@ def common_settings(records: list[dict[str, Any]]) -> tuple:
     return Counter(record_key(r)[1:] for r in records).most_common(1)[0][0]
 
 
+def seed_statistics(values_by_run: list[dict[int, float]]) -> list[tuple[int, float, float | None, int]]:
+    """(step, mean, standard deviation (ddof 1; None for one value), number of runs) per step,
+    over the runs that have a value at that step."""
+    steps = sorted({step for values in values_by_run for step in values})
+    rows = []
+    for step in steps:
+        values = np.array([v[step] for v in values_by_run if step in v], dtype=float)
+        std = float(np.std(values, ddof=STD_DDOF)) if len(values) > 1 else None
+        rows.append((step, float(np.mean(values)), std, len(values)))
+    return rows
+
+
+def format_spread(metric: str, mean: float, std: float | None) -> str:
+    return format_metric(metric, mean) + (f" ± {format_metric(metric, std)}" if std is not None else "")
+
+
+def metric_table(metric: str, stats: dict[str, list[tuple[int, float, float | None, int]]],
+                 seeds: dict[str, int], described: str) -> str:
+    """One row per step, one column per group: mean ± std over its seeds."""
+    header = [f"{name} ({seeds[name]} seed{'s' if seeds[name] > 1 else ''})" for name in stats]
+    lines = [f"{metric}, mean ± std over seeds ({described})", "",
+             "| step | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for step in sorted({row[0] for rows in stats.values() for row in rows}):
+        cells = []
+        for rows in stats.values():
+            found = [r for r in rows if r[0] == step]
+            cells.append(format_spread(metric, found[0][1], found[0][2]) if found else "-")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def differences(metric: str, stats: dict[str, list[tuple[int, float, float | None, int]]]) -> str:
+    """At the last step every group reached: each group against the first, and whether the
+    difference of means exceeds the spread (larger than the two standard deviations added,
+    i.e. the mean ± std bands do not overlap)."""
+    common = set.intersection(*({row[0] for row in rows} for rows in stats.values()))
+    if len(stats) < 2 or not common:
+        return ""
+    step = max(common)
+    at = {name: next(r for r in rows if r[0] == step) for name, rows in stats.items()}
+    (base, base_row), *others = at.items()
+    lines = [f"{metric} at step {step}, against {base}:"]
+    for name, row in others:
+        diff = row[1] - base_row[1]
+        if row[2] is None or base_row[2] is None:
+            verdict = "one seed: the spread is unknown"
+        else:
+            spread = row[2] + base_row[2]
+            verdict = (f"exceeds the spread ({spread:.3g})" if abs(diff) > spread
+                       else f"within the spread ({spread:.3g}): not distinguishable from seed noise")
+        lines.append(f"  {name}: {diff:+.3g}, {verdict}")
+    return "\n".join(lines)
+
+
 def compare(runs: list[Path], out_dir: Path) -> tuple[str, Path]:
-    """A markdown table (one row per step, one column per run) and a plot of the main metric."""
-    names = run_names(runs)
+    """Markdown tables (one per metric: a row per step, a column per group of seeds) and a plot of
+    every metric with mean ± std bands; written to OUT_DIR/comparison.md and comparison.png."""
+    groups = run_groups(runs)
     records = {run: read_results(run) for run in runs}
     settings = common_settings([r for rs in records.values() for r in rs])
     chosen = {run: [r for r in rs if record_key(r)[1:] == settings] for run, rs in records.items()}
-    metric = main_metric([r for rs in chosen.values() for r in rs])
-    series = {names[run]: sorted((int(r["step"]), float(r[metric])) for r in rs if r.get(metric) is not None)
-              for run, rs in chosen.items()}
-    steps = sorted({step for points in series.values() for step, _ in points})
-    described = ", ".join(f"{k} {v}" for k, v in zip(KEY_FIELDS[1:], settings))
-    lines = [f"{metric} ({described})", "", "| step | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
-    for step in steps:
-        cells = [format_metric(metric, dict(points).get(step)) for points in series.values()]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    first = main_metric([r for rs in chosen.values() for r in rs])
+    metrics = [first] + [m for m in METRICS if m != first and any(r.get(m) is not None
+                                                                   for rs in chosen.values() for r in rs)]
+    described = ", ".join(f"{'sampling seed' if k == 'seed' else k} {v}" for k, v in zip(KEY_FIELDS[1:], settings))
+    seeds = {name: len(members) for name, members in groups.items()}
+    tables, panels, notes = [], [], []
+    for metric in metrics:
+        stats = {name: seed_statistics([{int(r["step"]): float(r[metric]) for r in chosen[run]
+                                         if r.get(metric) is not None} for run in members])
+                 for name, members in groups.items()}
+        stats = {name: rows for name, rows in stats.items() if rows}
+        tables.append(metric_table(metric, stats, seeds, described))
+        notes.append(differences(metric, stats))
+        panels.append(Panel(metric, [Curve(name, [r[0] for r in rows], [r[1] for r in rows],
+                                           [r[2] or 0.0 for r in rows]) for name, rows in stats.items()], metric))
+    text = "\n\n".join(tables + [n for n in notes if n])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.md").write_text(table + "\n")
-    plot = plot_series(series, metric, f"{metric} of {len(series)} runs", out_dir / "comparison.png")
-    return table, plot
+    atomic_write_text(out_dir / "comparison.md", text + "\n")
+    plot = draw_panels(panels, f"{len(groups)} configurations, {len(runs)} runs: mean ± std over seeds",
+                       out_dir / "comparison.png")
+    return text, plot
 
 
 def main(argv: list[str] | None = None) -> None:

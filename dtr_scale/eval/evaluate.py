@@ -31,6 +31,7 @@ from dtr_scale.eval.results import append_result, eval_dir, find_result, log_to_
 from dtr_scale.train.checkpoint import read_meta
 from dtr_scale.train.components import build_diffusion, config_from_dict
 
+ADM_REFERENCE_BATCHES = "https://github.com/openai/guided-diffusion/tree/main/evaluations"
 log = logging.getLogger(__name__)
 
 
@@ -112,6 +113,23 @@ def score_samples(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> d
     return digits_scores(images, labels)
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Check, before anything is sampled, that the files the metrics need are there: the
+    reference batch and the FID Inception weights (ADM suite), or the digits (embedded data).
+    Raises EvaluationError / FileNotFoundError naming the file and where to get it."""
+    reference_name(cfg)
+    if not cfg.eval.reference:
+        return
+    reference = Path(cfg.eval.reference).expanduser()
+    if not reference.is_file():
+        raise FileNotFoundError(f"eval.reference={cfg.eval.reference}: no such file. ADM's reference batches (e.g. "
+                                f"VIRTUAL_imagenet256_labeled.npz) are listed at {ADM_REFERENCE_BATCHES}; download "
+                                "the one for your dataset and resolution and point eval.reference at it")
+    from dtr_scale.eval.features import inception_weights_path
+
+    inception_weights_path(cfg.eval.inception)  # raises naming the file and its download address
+
+
 def adm_scores(images: np.ndarray, reference: str | Path, inception: str | Path | None,
                device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, Any]:
     """FID, sFID, IS, precision, recall (k = 3) of `images` against an ADM reference batch, as
@@ -145,10 +163,12 @@ def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig,
     if done is not None:
         log.info("step %d %s already evaluated (%s); not recomputing", step, averaging, run_dir / "eval")
         return done if rank == 0 else None
+    preflight(cfg)
     start = time.perf_counter()
-    model, run_cfg = averaged_model(checkpoint, averaging)
+    model, run_cfg = averaged_model(checkpoint, averaging,
+                                    allow_missing_snapshots=cfg.eval.allow_missing_snapshots)
     device = eval_device(cfg)
-    diffusion = build_diffusion(run_cfg).respaced(cfg.diffusion.sampling_steps)
+    diffusion = build_diffusion(run_cfg).respaced(cfg.diffusion.sampling_steps, cfg.diffusion.sampler)
     npz = generate_samples(model, diffusion, sample_spec(cfg, run_cfg, step, averaging),
                            samples_folder(run_dir, step, averaging, cfg), dataset_decoder(cfg, device),
                            rank=rank, world_size=world_size, device=device, progress=progress)
@@ -161,7 +181,9 @@ def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig,
               "checkpoint": str(checkpoint), "samples": str(npz), "sample_s": sampled - start,
               "metric_s": time.perf_counter() - sampled, "wall_s": time.perf_counter() - start,
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    append_result(run_dir, record)
+    stored = append_result(run_dir, record)
+    if stored is not record:  # another evaluator stored this result first; its record stands
+        return stored
     log_to_wandb(run_dir, cfg, [record])
     log.info("step %d %s: %s", step, averaging, {k: v for k, v in metrics.items() if v is not None})
     return record

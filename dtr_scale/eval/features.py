@@ -13,7 +13,10 @@ default, a small CNN the project trains on the digits itself and caches.
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +52,24 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
     return path
 
 
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """TF32 off for matmuls and convolutions inside, the caller's settings restored after: the
+    training backend may have turned TF32 on, and ADM's features (SPEC section 6) are fp32."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1], saved[2]
+
+
 class FeatureNetwork(nn.Module):
-    """forward(uint8 [B, 3, H, W]) -> dict of float tensors; extract() runs it over a whole set."""
+    """forward(uint8 [B, 3, H, W]) -> dict of float tensors; extract() runs it over a whole set,
+    in full fp32 whatever TF32 setting the process has."""
 
     @torch.no_grad()
     def extract(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -60,10 +79,11 @@ class FeatureNetwork(nn.Module):
         device = next(self.parameters()).device
         self.eval()
         parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
-            for name, value in self(batch).items():
-                parts.setdefault(name, []).append(value.float().cpu().numpy())
+        with full_fp32():
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(images[start:start + batch_size]).to(device).permute(0, 3, 1, 2)
+                for name, value in self(batch).items():
+                    parts.setdefault(name, []).append(value.float().cpu().numpy())
         return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
@@ -73,18 +93,28 @@ class InceptionFeatures(FeatureNetwork):
     without bias (ADM's softmax/logits/MatMul, torch-fidelity's 'logits_unbiased'),
     'spatial' = first 7 channels of mixed_6/conv, i.e. Mixed_6d.branch1x1 after its ReLU
     (17x17x7 = 2023, flattened in TF's NHWC order so ADM's stored mu_s/sigma_s apply).
-    torch-fidelity does not expose mixed_6/conv; a forward hook on that module takes it."""
+    torch-fidelity does not expose mixed_6/conv; a forward hook on that module takes it.
+
+    torch-fidelity unpickles a weights file with weights_only=False, which runs any code in it;
+    the file is read here with weights_only=True (or as safetensors) and torch-fidelity gets an
+    in-memory copy of the plain tensors (its loader accepts a file object)."""
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        from dtr_scale.models.weights import load_state_dict_file
+
         path = inception_weights_path(weights_path)
+        state_dict = load_state_dict_file(path, what="FID Inception weights")
+        tensors_only = io.BytesIO()
+        torch.save(state_dict, tensors_only)
+        tensors_only.seek(0)
         try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=str(path))
-        except Exception as err:  # a truncated download or a different network's file
-            raise RuntimeError(f"could not load FID Inception weights from {path} ({type(err).__name__}: {err}); "
+                                                   feature_extractor_weights_path=tensors_only)
+        except (RuntimeError, KeyError) as err:  # a different network's tensors
+            raise RuntimeError(f"{path} does not hold the FID Inception weights ({type(err).__name__}: {err}); "
                                f"re-download {INCEPTION_URL}") from err
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

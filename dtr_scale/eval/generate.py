@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.sampling import Noise, sample_latents
+from dtr_scale.io import atomic_write, atomic_write_json, read_json
 
 SPEC_FILE = "spec.json"
 SAMPLES_NPZ = "samples.npz"
@@ -115,13 +116,8 @@ def missing_chunks(folder: Path, spec: SampleSpec) -> list[int]:
 
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    # tmp, fsync, rename: a killed writer leaves a stray tmp file, never a short npz under the real name
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # a killed writer leaves a stray tmp file, never a short npz under the real name
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def open_sample_folder(folder: str | Path, spec: SampleSpec) -> Path:
@@ -130,14 +126,12 @@ def open_sample_folder(folder: str | Path, spec: SampleSpec) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SPEC_FILE
     if path.exists():
-        found = json.loads(path.read_text())
+        found = read_json(path)
         if found != spec.to_json():
             raise SampleFolderError(f"{folder} holds samples of other settings ({found}, not {spec.to_json()}); "
                                     "delete it or sample into another folder")
         return folder
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(spec.to_json(), indent=1))
-    os.replace(tmp, path)  # ranks starting together write the same text
+    atomic_write_json(path, spec.to_json())  # ranks starting together write the same text
     return folder
 
 
@@ -152,6 +146,8 @@ def generate_chunks(model: torch.nn.Module, diffusion: GaussianDiffusion, spec: 
     model = model.to(device).eval()
     start = time.perf_counter()
     for chunk in tqdm(todo, desc=f"sampling {spec.weights} (rank {rank})", disable=None if progress else True):
+        if (folder / SAMPLES_NPZ).exists():  # merged by another evaluator meanwhile: its chunks are all there
+            break
         indices = spec.chunk_indices(chunk)
         images = decode(sample_indexed_latents(model, diffusion, spec, indices, device)).cpu().numpy()
         write_npz_atomic(chunk_path(folder, chunk), images=images, labels=class_labels(spec, indices), indices=indices)
@@ -164,9 +160,10 @@ def generate_chunks(model: torch.nn.Module, diffusion: GaussianDiffusion, spec: 
 
 
 def wait_for_chunks(folder: str | Path, spec: SampleSpec, *, timeout_s: float, poll_s: float = 5.0) -> None:
-    """Block until every chunk is on disk (the other ranks' too), or raise after timeout_s."""
+    """Block until every chunk is on disk (the other ranks' too) or another evaluator has merged
+    them into samples.npz (and removed them), or raise after timeout_s."""
     deadline = time.monotonic() + timeout_s
-    while missing := missing_chunks(Path(folder), spec):
+    while (missing := missing_chunks(Path(folder), spec)) and not (Path(folder) / SAMPLES_NPZ).exists():
         if time.monotonic() > deadline:
             raise SampleFolderError(f"{folder}: chunks {missing[:10]} (of {len(missing)} missing) did not appear "
                                     f"within {timeout_s:.0f} s; a rank may have died: run the evaluation again "
@@ -203,17 +200,12 @@ def grid_order(labels: np.ndarray, num_classes: int) -> list[int]:
 
 
 def write_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Path:
-    from torchvision.utils import save_image
+    """The samples in grid_order, enlarged (nearest-neighbour) and captioned by class."""
+    from dtr_scale.eval.grids import labelled_grid, save_png
 
-    order = grid_order(labels, num_classes)
-    blank = np.zeros_like(images[0])
-    picked = np.stack([images[i] if i >= 0 else blank for i in order])
     columns = num_classes if num_classes <= GRID_MAX_CLASSES else 8
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    save_image(torch.from_numpy(picked).permute(0, 3, 1, 2).float() / 255, tmp, nrow=columns)
-    os.replace(tmp, path)
-    return path
+    image, _ = labelled_grid(images, labels, grid_order(labels, num_classes), columns)
+    return save_png(image, path)
 
 
 def merge_samples(folder: str | Path, spec: SampleSpec, *, keep_chunks: bool = False) -> Path:

@@ -55,14 +55,16 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> float:
+def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
     """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), averaged over
-    `splits` equal chunks as ADM does (5000-sample chunks of 50K). Takes logits; pass
+    consecutive chunks of `split_size` samples, the last one possibly shorter, as ADM's
+    `compute_inception_score` does (10 chunks at 50K; 1 at 1,050). Takes logits; pass
     log-probabilities to score probabilities."""
     logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[0] < splits:
-        raise ValueError(f"inception score needs logits [N >= splits={splits}, classes], got shape {logits.shape}")
-    scores = [split_inception_score(chunk) for chunk in np.array_split(logits, splits)]
+    if logits.ndim != 2 or logits.shape[0] < 1 or split_size < 1:
+        raise ValueError(f"inception score needs logits [N >= 1, classes] and split_size >= 1, "
+                         f"got shape {logits.shape} and split_size={split_size}")
+    scores = [split_inception_score(logits[start:start + split_size]) for start in range(0, len(logits), split_size)]
     return float(np.mean(scores))
 
 

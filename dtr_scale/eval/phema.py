@@ -59,8 +59,10 @@ def power_function_inner_product(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.n
 
 
 def solve_posthoc_coefficients(snapshots: Sequence[tuple[float, float]], target: tuple[float, float]) -> np.ndarray:
-    """Least-squares weights x (one per snapshot (t_i, gamma_i)) with sum_i x_i p_i ~= p_target
-    in L2 (EDM2 post-hoc EMA appendix): the normal equations A x = b of the profiles' inner products."""
+    """Weights x (one per snapshot (t_i, gamma_i)) with sum_i x_i p_i ~= p_target in L2, divided by
+    their sum as EDM2's `solve_posthoc_coefficients` does (X = X / X.sum(0)): the normal equations
+    A x = b of the profiles' inner products (EDM2 post-hoc EMA appendix). The division makes the
+    weights sum to 1, so averaging identical snapshots returns them unchanged."""
     if len(snapshots) == 0:
         raise ValueError("post-hoc EMA needs at least one snapshot")
     steps, gammas = (np.asarray(column, dtype=np.float64) for column in zip(*snapshots))
@@ -69,7 +71,8 @@ def solve_posthoc_coefficients(snapshots: Sequence[tuple[float, float]], target:
     gram = power_function_inner_product(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
     rhs = power_function_inner_product(steps, gammas, float(target[0]), float(target[1]))
     # lstsq rather than solve: duplicated snapshots make the Gram matrix singular
-    return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    coefficients = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    return coefficients / coefficients.sum()
 
 
 def weighted_state_dict(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> StateDict:

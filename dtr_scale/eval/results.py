@@ -1,23 +1,29 @@
 """A run's evaluation results: RUN_DIR/eval/results.jsonl, one record per (checkpoint step,
-averaging, sampler settings), and what is made from it: a markdown table, a plot of the main
-metric (FID, or digits-FD on the embedded digits) against training step, and wandb logs.
+averaging, sampler settings), and what is made from it: a markdown table, a plot of every
+metric (FID, sFID, IS, precision, recall, or digits-FD and class accuracy on the embedded digits)
+against training step, and wandb logs.
 
 Each record is appended with one O_APPEND write, so a crash loses at most the record being
-written, and readers skip a line cut short by a killed writer.
+written, and readers skip a line cut short by a killed writer. A record is appended under
+the evaluation lock only if its key is not there yet, so each result is stored once.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
-import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dtr_scale.config import TrainConfig
+from dtr_scale.io import append_jsonl, atomic_write_text, read_jsonl
+from dtr_scale.plots.figure import Curve, Panel, draw_panels
 
 RESULTS_NAME = "results.jsonl"
+LOCK_NAME = ".lock"
 PLOT_NAME = "results.png"
 # What identifies a result: a record with the same values is never computed again.
 KEY_FIELDS = ("step", "averaging", "sampler", "sampling_steps", "cfg_scale", "guided_channels", "ddim_eta",
@@ -41,38 +47,40 @@ def record_key(record: dict[str, Any]) -> tuple:
     return tuple(record[name] for name in KEY_FIELDS)
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line in a single write (O_APPEND: concurrent writers do not interleave);
-    after a line torn by a killed writer, on a line of its own, so only the torn one is lost."""
+@contextmanager
+def eval_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold RUN_DIR/eval/LOCK_NAME exclusively: the short critical sections in which an
+    evaluator claims an item or stores a result, so two evaluators never both do it. A POSIX
+    record lock (fcntl), which NFS and Lustre honour and the kernel drops when the holder dies."""
+    path = eval_dir(run_dir) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-        os.write(fd, (("\n" if torn else "") + json.dumps(record) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file; a torn line (a writer killed mid-write) is skipped."""
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    with open(path, "a") as f:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is cut short (a writer was killed); skipping it", path, number)
-    return records
+            fcntl.lockf(f, fcntl.LOCK_EX)
+        except OSError as err:
+            raise OSError(f"cannot lock {path} ({err}): its filesystem does not support file locks, so two "
+                          "evaluators of this run could do the same work; mount it with locking (NFS: lockd, "
+                          "Lustre: -o flock) or run one evaluator at a time on a local disk") from err
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def append_result(run_dir: str | Path, record: dict[str, Any]) -> None:
+def append_result(run_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Store `record` unless a record with its key is there already (written by another
+    evaluator meanwhile); returns the stored one. Each key is written once."""
     missing = [name for name in KEY_FIELDS if name not in record]
     if missing:
         raise KeyError(f"an evaluation record needs {', '.join(missing)} to be told apart from the others")
-    append_jsonl(results_path(run_dir), record)
+    with eval_lock(run_dir):
+        stored = find_result(run_dir, record_key(record))
+        if stored is not None:
+            log.warning("step %s %s was scored by another evaluator meanwhile; keeping its record",
+                        record["step"], record["averaging"])
+            return stored
+        append_jsonl(results_path(run_dir), record)
+    return record
 
 
 def read_results(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -80,7 +88,7 @@ def read_results(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def find_result(run_dir: str | Path, key: tuple) -> dict[str, Any] | None:
-    """The stored record with this key, if any (the latest, should a race have written two)."""
+    """The stored record with this key, if any."""
     matches = [r for r in read_results(run_dir) if record_key(r) == key]
     return matches[-1] if matches else None
 
@@ -90,6 +98,18 @@ def main_metric(records: list[dict[str, Any]]) -> str:
         if any(r.get(name) is not None for r in records):
             return name
     raise ValueError(f"none of the records has a main metric ({', '.join(MAIN_METRICS)}); nothing to plot")
+
+
+def last_evaluation(run_dir: str | Path) -> dict[str, Any] | None:
+    """The result of the newest evaluated step (the last stored one at that step) with its main
+    metric: {"step", "averaging", "metric", "value", "time", "text"}; None before any result."""
+    records = [r for r in read_results(run_dir) if any(r.get(m) is not None for m in MAIN_METRICS)]
+    if not records:
+        return None
+    newest = max(reversed(records), key=lambda r: r["step"])  # reversed: the last stored wins a tie
+    metric, step, averaging = main_metric([newest]), newest["step"], newest["averaging"]
+    return {"step": step, "averaging": averaging, "metric": metric, "value": newest[metric], "time": newest.get("time"),
+            "text": f"{metric} {format_metric(metric, newest[metric])} at step {step} ({averaging})"}
 
 
 def format_metric(name: str, value: Any) -> str:
@@ -130,45 +150,28 @@ def metric_series(records: list[dict[str, Any]], metric: str) -> dict[str, list[
     return {name: sorted(points) for name, points in series.items()}
 
 
-def plot_series(series: dict[str, list[tuple[int, float]]], metric: str, title: str, path: str | Path) -> Path:
-    """A PNG of one metric against training step, one line per series, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in series.items():
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o", label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+def result_panels(records: list[dict[str, Any]]) -> list[Panel]:
+    """One panel per metric the records have (in METRICS order), one line per averaging."""
+    main_metric(records)  # raises when no record has a metric to draw
+    return [Panel(metric, [Curve(name, *zip(*points)) for name, points in metric_series(records, metric).items()],
+                  metric) for metric in METRICS if any(r.get(metric) is not None for r in records)]
 
 
 def plot_results(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """A PNG of the main metric against training step, one line per averaging (RUN_DIR/eval/results.png)."""
-    records = read_results(run_dir)
-    metric = main_metric(records)
-    return plot_series(metric_series(records, metric), metric, f"{metric} of {Path(run_dir).name}",
+    """A PNG of every metric the evaluations produced against training step, one panel per
+    metric and one line per averaging (RUN_DIR/eval/results.png)."""
+    return draw_panels(result_panels(read_results(run_dir)), f"evaluation of {Path(run_dir).name}",
                        path if path is not None else eval_dir(run_dir) / PLOT_NAME)
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """RUN_DIR/eval/results.md (the table) and results.png (the plot), rewritten from the records."""
+    """RUN_DIR/eval/results.md (the table), results.png (the plot) and samples_by_step.png (the
+    same samples at each checkpoint), rewritten from the records."""
     table = eval_dir(run_dir) / "results.md"
-    tmp = table.with_name(f".{table.name}.tmp-{os.getpid()}")
-    tmp.write_text(results_table(run_dir) + "\n")
-    os.replace(tmp, table)
+    atomic_write_text(table, results_table(run_dir) + "\n")
+    from dtr_scale.eval.grids import write_checkpoint_strip  # it reads these results
+
+    write_checkpoint_strip(run_dir)
     return table, plot_results(run_dir)
 
 
@@ -189,14 +192,18 @@ def log_to_wandb(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, 
     directory = eval_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     id_file = directory / "wandb_id.txt"
-    if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex[:12])
+    with eval_lock(run_dir):  # two evaluators starting at once must pick the same wandb run
+        if not id_file.exists():
+            atomic_write_text(id_file, uuid.uuid4().hex[:12])
     # create_new: an inline evaluation beside the trainer's own wandb run must not log into it
     run = wandb.init(project=cfg.logging.project, dir=str(directory), id=id_file.read_text().strip(),
                      resume="allow", mode=cfg.logging.wandb, name=f"{Path(run_dir).name}-eval", job_type="eval",
                      reinit="create_new", settings=wandb.Settings(silent=True))
     run.define_metric("train_step")
     run.define_metric("eval/*", step_metric="train_step")  # evaluations arrive out of step order
+    run.define_metric("samples/*", step_metric="train_step")
     for record in records:
-        run.log(wandb_metrics(record))
+        grid = Path(record["samples"]).with_name("grid.png") if record.get("samples") else None  # beside the npz
+        pictures = {f"samples/{record['averaging']}": wandb.Image(str(grid))} if grid and grid.is_file() else {}
+        run.log(wandb_metrics(record) | pictures)
     run.finish()

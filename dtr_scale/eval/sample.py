@@ -6,13 +6,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.diffusion.sampling import sample_latents
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import CheckpointError, read_meta, require_complete
+from dtr_scale.train.checkpoint import CheckpointError, dcp_load, read_meta, require_complete
 from dtr_scale.train.components import build_diffusion, build_model, config_from_dict
 
 EMA_EXPORT = "ema.safetensors"  # written beside a checkpoint by backends that cannot be read with DCP
@@ -27,7 +26,7 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainCon
     path = Path(path)
     require_complete(path)
     cfg = config_from_dict(read_meta(path)["config"])
-    model = build_model(cfg)
+    model = build_model(cfg, load_init=False)
     if use_ema and (path / EMA_EXPORT).exists():
         from safetensors.torch import load_file
 
@@ -38,7 +37,7 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainCon
     try:
         with warnings.catch_warnings():  # DCP's note that it reads without a process group: intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(request, checkpoint_id=str(path))
+            dcp_load(request, path)
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"could not read the {'EMA' if use_ema else 'model'} weights of {path} "
                               f"({type(err).__name__}: {err})") from err
@@ -67,7 +66,7 @@ def sample_from_checkpoint(path: str | Path, labels: torch.Tensor, *, cfg_scale:
     """Latents [N, C, H, W] for `labels`; unset options come from the run's diffusion config."""
     model, cfg = load_model(path, use_ema=use_ema)
     d = cfg.diffusion
-    diffusion = build_diffusion(cfg).respaced(sampling_steps or d.sampling_steps)
+    diffusion = build_diffusion(cfg).respaced(sampling_steps or d.sampling_steps, sampler or d.sampler)
     m = cfg.model
     return sample_latents(
         model, diffusion, labels, shape=(m.in_channels, m.input_size, m.input_size),

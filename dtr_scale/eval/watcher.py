@@ -14,6 +14,9 @@ RUN_DIR/eval/results.jsonl. RUN_DIR/eval/work.jsonl records who took which item:
 A restarted watcher skips items that are done or still in flight and takes over
 those whose claimant died (dead pid, or an ended job) without a result: the
 sampling resumes at the next missing chunk, so nothing is repeated or forgotten.
+Taking an item (looking at its events and recording the claim) happens under the
+run's evaluation lock, so of several evaluators on one run exactly one takes it; the
+others move on to the next item and never wait for it.
 
 Two modes: "inline" evaluates in this process (the embedded digits run);
 "submit" sends one submitit job per checkpoint, local or SLURM, that evaluates
@@ -40,7 +43,8 @@ import submitit
 from dtr_scale.config import ClusterConfig, TrainConfig, parse_averaging
 from dtr_scale.eval.averaging import run_dir_of
 from dtr_scale.eval.evaluate import evaluate_averaging, evaluate_checkpoint, result_key
-from dtr_scale.eval.results import append_jsonl, eval_dir, read_jsonl, read_results, record_key
+from dtr_scale.eval.results import eval_dir, eval_lock, read_results, record_key
+from dtr_scale.io import append_jsonl, read_jsonl
 from dtr_scale.launch.environment import export_distributed_env
 from dtr_scale.launch.executor import make_executor
 from dtr_scale.launch.ledger import ledger_path, read_status
@@ -193,11 +197,26 @@ def snapshots_ready(run_dir: str | Path, item: WorkItem, cfg: TrainConfig) -> bo
     return all((Path(run_dir) / "phema" / snapshot_name(item.step, std)).exists() for std in cfg.phema_stds)
 
 
-def evaluate_inline(run_dir: str | Path, item: WorkItem, cfg: TrainConfig, *, progress: bool = False) -> dict | None:
-    """Claim and evaluate one item here; a failure is recorded (and logged), not raised."""
-    token = uuid.uuid4().hex
-    _LIVE_TOKENS.add(token)
-    record_event(run_dir, item.key, "claimed", token=token)
+def claim(run_dir: str | Path, item: WorkItem, *, retry_failed: bool = False) -> str | None:
+    """Take `item` for this process: its claim token, or None when it is done or another
+    evaluator holds it (checked and recorded in one critical section)."""
+    with eval_lock(run_dir):
+        if not pending(run_dir, [item], retry_failed=retry_failed):
+            return None
+        token = uuid.uuid4().hex
+        _LIVE_TOKENS.add(token)
+        record_event(run_dir, item.key, "claimed", token=token)
+    return token
+
+
+def evaluate_inline(run_dir: str | Path, item: WorkItem, cfg: TrainConfig, *, progress: bool = False,
+                    retry_failed: bool = False) -> dict | None:
+    """Claim and evaluate one item here; a failure is recorded (and logged), not raised. An item
+    another evaluator took meanwhile is left to it (None)."""
+    token = claim(run_dir, item, retry_failed=retry_failed)
+    if token is None:
+        log.info("step %d %s is taken by another evaluator; moving on", item.step, item.averaging)
+        return None
     try:
         return evaluate_averaging(item.checkpoint, item.averaging, cfg, rank=0, world_size=1, progress=progress)
     except Exception as err:  # one bad item (e.g. window:k too early) must not stop the watcher
@@ -244,18 +263,24 @@ def eval_cluster(cfg: TrainConfig, cluster: ClusterConfig | None = None) -> Clus
 
 
 def submit_items(run_dir: str | Path, items: list[WorkItem], cfg: TrainConfig,
-                 cluster: ClusterConfig | None = None) -> list[submitit.Job]:
-    """One job per checkpoint for its items; each item is recorded as submitted with the job id."""
+                 cluster: ClusterConfig | None = None, *, retry_failed: bool = False) -> list[submitit.Job]:
+    """One job per checkpoint for its items that are still pending; each is recorded as submitted
+    with the job id. Looking, submitting and recording happen under the evaluation lock, so two
+    evaluators never submit the same item."""
     cluster = eval_cluster(cfg, cluster)
     folder = Path(cluster.folder or eval_dir(run_dir) / "submitit") / "%j"
     executor = make_executor(cluster, folder, cfg.steps)
     jobs = []
     for checkpoint in sorted({item.checkpoint for item in items}):
-        group = [item for item in items if item.checkpoint == checkpoint]
-        task = EvaluationTask(checkpoint, cfg, [i.averaging for i in group], [i.key for i in group])
-        job = executor.submit(task)
-        for item in group:
-            record_event(run_dir, item.key, "submitted", job_id=job.job_id, cluster=cluster.kind, folder=str(folder))
+        with eval_lock(run_dir):
+            group = pending(run_dir, [i for i in items if i.checkpoint == checkpoint], retry_failed=retry_failed)
+            if not group:
+                continue
+            task = EvaluationTask(checkpoint, cfg, [i.averaging for i in group], [i.key for i in group])
+            job = executor.submit(task)
+            for item in group:
+                record_event(run_dir, item.key, "submitted", job_id=job.job_id, cluster=cluster.kind,
+                             folder=str(folder))
         log.info("submitted evaluation of %s (%s) as job %s", checkpoint.name,
                  ", ".join(i.averaging for i in group), job.job_id)
         jobs.append(job)
@@ -263,16 +288,17 @@ def submit_items(run_dir: str | Path, items: list[WorkItem], cfg: TrainConfig,
 
 
 def process(run_dir: str | Path, items: list[WorkItem], cfg: TrainConfig, *, mode: str,
-            cluster: ClusterConfig | None, stop: Callable[[], bool], progress: bool) -> list[dict]:
+            cluster: ClusterConfig | None, stop: Callable[[], bool], progress: bool,
+            retry_failed: bool = False) -> list[dict]:
     """Evaluate (inline) or submit (submit) the items; the records made here."""
     if mode == "submit":
-        submit_items(run_dir, items, cfg, cluster)
+        submit_items(run_dir, items, cfg, cluster, retry_failed=retry_failed)
         return []
     records = []
     for item in items:
         if stop():
             break
-        record = evaluate_inline(run_dir, item, cfg, progress=progress)
+        record = evaluate_inline(run_dir, item, cfg, progress=progress, retry_failed=retry_failed)
         if record is not None:
             records.append(record)
     return records
@@ -293,7 +319,8 @@ def sweep(run_dir: str | Path, cfg: TrainConfig, *, mode: str = "inline", finish
     finished = training_finished(run_dir, cfg.steps) if finished is None else finished
     items = work_items(due_checkpoints(run_dir, cfg.eval.every, include_latest=finished), cfg)
     todo = [i for i in pending(run_dir, items, retry_failed=retry_failed) if finished or snapshots_ready(run_dir, i, cfg)]
-    return process(run_dir, todo, cfg, mode=mode, cluster=cluster, stop=stop or (lambda: False), progress=progress)
+    return process(run_dir, todo, cfg, mode=mode, cluster=cluster, stop=stop or (lambda: False), progress=progress,
+                   retry_failed=retry_failed)
 
 
 def watch(run_dir: str | Path, cfg: TrainConfig, *, mode: str = "inline", cluster: ClusterConfig | None = None,
@@ -352,9 +379,10 @@ def submit_at_save(cfg: TrainConfig) -> Callable[[Path, int], None] | None:
 
 
 def trigger(checkpoint: str | Path, cfg: TrainConfig, *, mode: str = "inline",
-            cluster: ClusterConfig | None = None, progress: bool = False) -> list[dict]:
+            cluster: ClusterConfig | None = None, progress: bool = False, retry_failed: bool = False) -> list[dict]:
     """Evaluate (or submit) one checkpoint now, e.g. from the trainer right after it saved;
-    items already done or in flight are skipped. Returns the records made inline."""
+    items already done or in flight are skipped (failed ones too, unless retry_failed).
+    Returns the records made inline."""
     check_mode(mode)
     checkpoint = Path(checkpoint)
     run_dir = run_dir_of(checkpoint)
@@ -362,5 +390,35 @@ def trigger(checkpoint: str | Path, cfg: TrainConfig, *, mode: str = "inline",
     if step is None:
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint of {run_dir} (not in its manifest, or "
                                 "its files do not match it); trigger an evaluation after the checkpoint is committed")
-    items = pending(run_dir, work_items([(step, checkpoint)], cfg))
-    return process(run_dir, items, cfg, mode=mode, cluster=cluster, stop=lambda: False, progress=progress)
+    items = pending(run_dir, work_items([(step, checkpoint)], cfg), retry_failed=retry_failed)
+    return process(run_dir, items, cfg, mode=mode, cluster=cluster, stop=lambda: False, progress=progress,
+                   retry_failed=retry_failed)
+
+
+@dataclass(frozen=True)
+class Failure:
+    step: int
+    averaging: str
+    error: str
+
+
+def failures(run_dir: str | Path, cfg: TrainConfig, checkpoint: str | Path | None = None) -> list[Failure]:
+    """The items (of `checkpoint`, else every due one and the newest) whose last attempt failed
+    and that have no result: what `dtr-scale eval` lists and --retry-failed tries again."""
+    if checkpoint is not None:
+        steps = dict((p.name, s) for s, p in complete_checkpoints(run_dir))
+        checkpoints = [(steps[Path(checkpoint).name], Path(checkpoint))] if Path(checkpoint).name in steps else []
+    else:
+        checkpoints = due_checkpoints(run_dir, cfg.eval.every, include_latest=True)
+    done = done_keys(run_dir)
+    last, _ = read_events(run_dir)
+    return [Failure(item.step, item.averaging, last[item.key].get("error", "?"))
+            for item in work_items(checkpoints, cfg)
+            if item.key not in done and item.key in last and last[item.key]["event"] == "failed"]
+
+
+def failures_message(failed: list[Failure]) -> str:
+    """What `dtr-scale eval` prints (to stderr, exiting non-zero) when items failed."""
+    lines = [f"  step {f.step} {f.averaging}: {f.error}" for f in failed]
+    return (f"dtr-scale eval: {len(failed)} evaluation(s) failed:\n" + "\n".join(lines) +
+            "\nfix the cause and run the same command with --retry-failed to evaluate them again")

@@ -9,11 +9,11 @@ outside Python (out of memory, scancel, node failure) leaves its last line
 
 from __future__ import annotations
 
-import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from dtr_scale.io import append_jsonl, read_jsonl
 
 LEDGER_NAME = "jobs.jsonl"
 STATES = ("running", "requeued", "finished", "failed")
@@ -24,17 +24,12 @@ def ledger_path(run_dir: str | Path) -> Path:
 
 
 def append_record(run_dir: str | Path, state: str, **fields: Any) -> dict[str, Any]:
-    """Append one event; a single O_APPEND write, so ranks that write at once do not interleave."""
+    """Append one event; a single O_APPEND write, so ranks that write at once do not interleave,
+    and after a line torn by a killed writer the event starts on a line of its own."""
     if state not in STATES:
         raise ValueError(f"ledger state {state!r} is not one of {', '.join(STATES)}")
     record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "state": state, **fields}
-    path = ledger_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-    finally:
-        os.close(fd)
+    append_jsonl(ledger_path(run_dir), record)
     return record
 
 
@@ -43,13 +38,7 @@ def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"no job ledger at {path}: {run_dir} has not been launched through "
                                 "dtr_scale.launch (or the path is not the run's run_dir)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed writer says nothing reliable
-    return records
+    return read_jsonl(path)  # a line cut short by a killed writer is skipped
 
 
 def last_step(records: list[dict[str, Any]]) -> int:

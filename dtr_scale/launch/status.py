@@ -1,18 +1,22 @@
 """`dtr-scale status RUN_DIR`: a run's jobs, its last complete checkpoint, its
-throughput and its evaluation results, read from the run directory alone."""
+throughput, its provenance and its evaluation results, read from the run directory alone.
+People poll it from login nodes: nothing on this path imports torch."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from dtr_scale.launch.ledger import ledger_path, read_status
+from dtr_scale.provenance import format_provenance, read_provenance
 from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
 from dtr_scale.train.metrics import last_logged
+from dtr_scale.train.progress import format_clock, progress, progress_text
 
 
-def run_status(run_dir: str | Path) -> dict[str, Any]:
-    """Everything the status command shows, as plain data."""
+def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
+    """Everything the status command shows, as plain data; the ETA counts from `now` (default: now)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory at {run_dir}")
@@ -23,6 +27,13 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     status["checkpoint"] = str(ckpt) if ckpt else None
     status["checkpoint_step"] = read_meta(ckpt)["step"] if ckpt else None
     status["last_logged"] = last_logged(run_dir)
+    status["checkpoint_time"] = Path(ckpt).stat().st_mtime if ckpt else None
+    last = status["last_logged"]
+    status["progress"] = progress(last, time.time() if now is None else now) if last else None
+    from dtr_scale.eval.results import last_evaluation  # plain JSON reading, no torch
+
+    status["last_eval"] = last_evaluation(run_dir)
+    status["provenance"] = read_provenance(run_dir)
     return status
 
 
@@ -39,6 +50,8 @@ def format_status(status: dict[str, Any], results: str | None = None) -> str:
     if last:
         lines.append(f"training   step {last['step']}, loss {last['loss']:.4f}, {last['images_per_s']:.1f} images/s, "
                      f"{last['images_seen']} images seen")
+    lines += progress_lines(status)
+    lines += format_provenance(status.get("provenance", []))
     if status["jobs"]:
         lines += ["", "jobs:"]
         for record in status["jobs"]:
@@ -48,3 +61,24 @@ def format_status(status: dict[str, Any], results: str | None = None) -> str:
     if results:
         lines += ["", "evaluation:", results]
     return "\n".join(lines)
+
+
+def progress_lines(status: dict[str, Any]) -> list[str]:
+    """Percent done and ETA from the measured step rate (no ETA for a job that is not running),
+    when the last checkpoint was written, and the newest evaluation's main metric."""
+    lines = []
+    info = status.get("progress")
+    if info:
+        stalled = status["state"] in ("failed", "requeued", "finished")
+        text = progress_text(info | {"eta_s": None} if stalled else info)
+        if info["finish_time"] is not None and not stalled and info["eta_s"]:
+            text += f" (about {format_clock(info['finish_time'])})"
+        if info["steps_per_s"]:
+            text += f", {info['steps_per_s']:.2f} steps/s"
+        lines.append(f"progress   {text}")
+    if status.get("checkpoint_time") is not None:
+        lines.append(f"saved      step {status['checkpoint_step']} at {format_clock(status['checkpoint_time'])}")
+    last_eval = status.get("last_eval")
+    if last_eval:
+        lines.append(f"evaluated  {last_eval['text']}")
+    return lines

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +36,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
         self.requeues = 0
 
     def __call__(self) -> Any:
+        # The job's log is where a person follows the run (progress, ETA, resumes): log INFO there.
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         job = submitit.JobEnvironment()
         env = export_distributed_env(job)
         if not torch.cuda.is_available():
@@ -40,14 +45,22 @@ class TrainingTask(submitit.helpers.Checkpointable):
         preemption = PreemptionSignal()
         run_dir, rank = self.cfg.run_dir, job.global_rank
         event = {"job_id": job.job_id, "requeues": self._requeue_count(), "start_step": self._start_step(),
-                 "log": str(job.paths.stderr)}
+                 "log": str(job.paths.stderr), "node": socket.gethostname()}
         if rank == 0:
             append_record(run_dir, "running", **event)
         try:
             result = self._train_fn()(self.cfg, stop_requested=preemption.requested)
         except Exception as err:
-            append_record(run_dir, "failed", **event, rank=rank, **_describe(err))
-            raise
+            lost = lost_peer(err, job)
+            if not lost:
+                append_record(run_dir, "failed", **event, rank=rank, **_describe(err))
+                raise
+            # Say which process went away: its own log holds the cause.
+            failure = PeerLostError(f"rank {rank} on {event['node']}: {lost} went away ({type(err).__name__}: "
+                                    f"{err}); see its log and the job's log {job.paths.stderr}")
+            failure.__cause__ = err
+            append_record(run_dir, "failed", **event, rank=rank, **_describe(failure))
+            raise failure from err
         if result.status == "stopped":
             if rank == 0:
                 reason = "time limit" if preemption.timed_out() else "preempted"
@@ -83,6 +96,32 @@ class TrainingTask(submitit.helpers.Checkpointable):
 
     def _start_step(self) -> int:
         return last_step(read_records(self.cfg.run_dir)) if ledger_path(self.cfg.run_dir).exists() else 0
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank of the job went away (killed, crashed, its node lost)."""
+
+
+# gloo names the peer it lost by address and port: "Read error [10.1.2.3]:40123: Connection reset by peer"
+PEER_ADDRESS = re.compile(r"\[(\d{1,3}(?:\.\d{1,3}){3})\]:\d+")
+
+
+def lost_peer(err: BaseException, job: submitit.JobEnvironment) -> str:
+    """'rank R on NODE' for the process a failed collective names, or '' when the error names none.
+    SLURM places tasks in blocks: rank r runs on node r // tasks_per_node."""
+    match = PEER_ADDRESS.search(str(err))
+    if match is None or job.num_nodes < 1:
+        return ""
+    address = match.group(1)
+    try:
+        host = socket.gethostbyaddr(address)[0]
+    except OSError:
+        return f"the process at {address}"
+    hosts, per_node = list(job.hostnames), job.num_tasks // job.num_nodes
+    ranks = [r for r in range(job.num_tasks) if r // per_node < len(hosts) and hosts[r // per_node] == host]
+    if not ranks:
+        return f"the process at {address} ({host})"
+    return f"rank {ranks[0]} on {host}" if len(ranks) == 1 else f"one of ranks {ranks} on {host}"
 
 
 def _describe(err: BaseException, hint: str = "") -> dict[str, str]:

@@ -3,14 +3,15 @@
 Training state is counted per parameter as the backends hold it (fp32 weights,
 gradients and AdamW moments; DDP's gradient buckets; DeepSpeed's fp32 optimizer
 partition and reduce bucket; the EMA and post-hoc EMA copies, sharded only under
-FSDP), activations from what autograd saves in a DiT block.
+FSDP), activations from what autograd saves in a DiT block. ANT-Nash and PCGrad hold
+the k per-interval gradients at once (train/mtl.py), sharded only under FSDP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dtr_scale.config import TrainConfig
+from dtr_scale.config import GRADIENT_WEIGHTINGS, TrainConfig
 from dtr_scale.plan.model_cost import DiTShape, ParameterCount
 
 FP32 = 4
@@ -65,6 +66,9 @@ def training_state_bytes(cfg: TrainConfig, params: ParameterCount) -> dict[str, 
         parts["DeepSpeed fp32 partition"] = FP32 * p / n
     if zero in (1, 2):
         parts["DeepSpeed reduce bucket"] = FP32 * min(p, DEEPSPEED_REDUCE_BUCKET)
+    if cfg.weighting.kind in GRADIENT_WEIGHTINGS:
+        k = cfg.weighting.num_intervals
+        parts[f"{k} interval gradients fp32 ({cfg.weighting.kind})"] = k * FP32 * p / (n if fsdp else 1)
     if (fsdp or zero == 3) and n > 1:
         gathered = 2 if fsdp and b.precision == "bf16" else FP32  # FSDP casts gathered params to bf16
         parts["gathered blocks (2 params + 1 grads)"] = params.per_block * (2 * gathered + FP32)

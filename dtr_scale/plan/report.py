@@ -46,7 +46,7 @@ def config_summary(cfg: TrainConfig) -> Rows:
                               cfg.checkpoint, cfg.eval)
     routing = {"none": "none (vanilla DiT)", "dtr": f"DTR, beta {r.beta:g}, alpha {r.alpha:g}",
                "random": f"random (R-TR), beta {r.beta:g}, seed {r.seed}"}[r.kind]
-    weighting = {"uniform": "uniform", "min_snr": f"min-SNR, gamma {w.min_snr_gamma:g} ({w.prediction})",
+    weighting = {"uniform": "uniform", "min_snr": f"min-SNR, gamma {w.min_snr_gamma:g} ({d.prediction})",
                  "p2": f"P2, gamma {w.p2_gamma:g}, k {w.p2_k:g}",
                  "ant_uw": f"ANT-UW, UW lr {w.uw_lr:g}, wd {w.uw_weight_decay:g}"}[w.kind]
     cluster = cfg.cluster

@@ -6,37 +6,54 @@ Layout:
     RUN_DIR/checkpoints/step_00001000/       one checkpoint: the backend's files
                                    meta.json step, data position, counters, config
 
-A checkpoint is written under `step_N.partial/` and renamed to `step_N/` only
-when every rank has finished writing; then the manifest (itself replaced
-atomically) gains an entry with the size of every file. "Latest" is the newest
-manifest entry whose files are all present at their recorded sizes, so a crash
-or a truncated file at any point leaves an earlier checkpoint to resume from.
+A checkpoint is written under `step_N.partial/`. When every rank has finished
+writing, rank 0 hashes its files (sha256), writes the manifest (atomically)
+with the size and hash of every file, and only then renames the directory to
+`step_N/`. "Latest" is the newest manifest entry whose files are all present at
+their recorded sizes; loading one also checks the hashes, and a resume passes
+over a damaged checkpoint to the one before, so a crash, a truncated file or a
+flipped bit leaves an earlier checkpoint to resume from.
+
+Nothing read from a checkpoint runs code: DCP's `.metadata` (a pickle) goes
+through an unpickler that builds only DCP's own metadata classes, and the
+non-tensor values DCP stores are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import io
 import logging
-import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import CheckpointException
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 from dtr_scale.config import CheckpointConfig
+from dtr_scale.io import CorruptFileError, atomic_write_json, fsync_dir, read_json
 
 MANIFEST = "manifest.json"
 META = "meta.json"
+DCP_METADATA = ".metadata"
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated or unreadable; the message names the file."""
+    """A checkpoint that is missing, truncated, corrupt or unreadable; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that would run code if it were loaded the way torch loads it by default."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -47,49 +64,164 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# --- reading DCP checkpoints without running code from them -----------------------------
+
+# What a `.metadata` pickle written by torch.distributed.checkpoint names: its dataclasses,
+# torch.Size, dtypes and layouts, and the checkpoint id (a path). Anything else is refused.
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"refusing to load {self.source}: it names {module}.{name}, which DCP checkpoint metadata never "
+            f"holds (a crafted or foreign file; unpickling it could run code). Delete this checkpoint, or "
+            f"re-save it with dtr-scale")
+
+
+def read_dcp_metadata(path: str | Path) -> Metadata:
+    """The DCP metadata of checkpoint directory `path`, unpickled with an allow-list of DCP's classes."""
+    source = Path(path) / DCP_METADATA
+    try:
+        with open(source, "rb") as f:
+            metadata = _DCPMetadataUnpickler(f, source).load()
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{source} does not exist: {path} is not a complete DCP checkpoint") from err
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # a damaged pickle raises any of several types
+        raise CheckpointError(f"{source} is not readable DCP metadata ({type(err).__name__}: {err}); "
+                              f"the checkpoint is damaged: use an earlier one") from err
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"refusing to load {source}: it holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with its metadata read through `read_dcp_metadata` instead of `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_dcp_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with its non-tensor values (step counts, lr, names) read with weights_only=True."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(f"refusing to load the value {read_item.dest_index.fqn!r} of a DCP checkpoint: "
+                                        f"it is not plain data ({err})") from err
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def dcp_load(state: dict[str, Any], path: str | Path, **kwargs: Any) -> None:
+    """dcp.load(state) from checkpoint directory `path`, without running code from its files.
+
+    The metadata is checked first, so a crafted file is refused with UnsafeCheckpointError
+    naming it rather than a DCP CheckpointException that wraps it."""
+    read_dcp_metadata(path)
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), **kwargs)
+
+
+# --- the manifest ------------------------------------------------------------------------
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def digest_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path."""
+    return {str(p.relative_to(directory)): file_digest(p) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def read_manifest(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = checkpoint_dir(run_dir) / MANIFEST
-    return json.loads(path.read_text())["checkpoints"] if path.exists() else []
+    """The manifest's entries, oldest first; none for a fresh run. A missing manifest beside
+    committed checkpoints, or one that does not parse, is a CheckpointError (resuming from
+    step 0 there would overwrite them)."""
+    root = checkpoint_dir(run_dir)
+    path = root / MANIFEST
+    if not path.exists():
+        orphans = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+        if orphans:
+            raise CheckpointError(
+                f"{path} is missing, but {root} holds {', '.join(orphans)}: without the manifest no checkpoint can be "
+                f"trusted, and starting from step 0 would overwrite them. Restore {MANIFEST} from a copy, or move "
+                f"those directories out of {root} to start the run afresh")
+        return []
+    try:
+        return read_json(path)["checkpoints"]
+    except (CorruptFileError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is damaged ({err}); restore it from a copy, or move {root} aside "
+                              f"to start the run afresh") from err
 
 
-def verify_checkpoint(path: Path, entry: dict[str, Any]) -> str | None:
-    """Why the checkpoint at `path` is not usable, or None if every file is there at its size."""
+def verify_checkpoint(path: Path, entry: dict[str, Any], *, contents: bool = False) -> str | None:
+    """Why the checkpoint at `path` is not usable, or None if every file is there at its size
+    (and, with `contents`, has the content hash the manifest recorded)."""
     for name, size in entry["files"].items():
         f = path / name
         if not f.exists():
             return f"{f} is missing"
         if f.stat().st_size != size:
             return f"{f} has {f.stat().st_size} bytes, the manifest recorded {size} (truncated?)"
+    if contents:
+        for name, digest in entry.get("sha256", {}).items():
+            if file_digest(path / name) != digest:
+                return f"{path / name} does not match its sha256 in the manifest (corrupted on disk)"
     return None
 
 
-def checked_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, str | None]]:
+def checked_checkpoints(run_dir: str | Path, *, contents: bool = False) -> list[tuple[int, Path, str | None]]:
     """(step, path, why it is not usable or None) of every manifest entry, oldest first."""
     checked = []
     for entry in read_manifest(run_dir):
         path = checkpoint_dir(run_dir) / entry["name"]
-        checked.append((int(entry["step"]), path, verify_checkpoint(path, entry)))
+        checked.append((int(entry["step"]), path, verify_checkpoint(path, entry, contents=contents)))
     return checked
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every manifest entry whose files are all there at their recorded sizes,
-    oldest first. A `.partial` directory is never in the manifest, so it is never listed."""
+    oldest first (content hashes are checked when one is loaded). A `.partial` directory is
+    never in the manifest, so it is never listed."""
     return [(step, path) for step, path, problem in checked_checkpoints(run_dir) if problem is None]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint; damaged ones newer than it are reported and passed over."""
-    for _, path, problem in reversed(checked_checkpoints(run_dir)):
+def latest_checkpoint(run_dir: str | Path, *, contents: bool = False) -> Path | None:
+    """The newest complete checkpoint; damaged ones newer than it are reported and passed over.
+    With `contents`, the files' hashes are checked too (reads every file)."""
+    for _, path, problem in reversed(checked_checkpoints(run_dir, contents=contents)):
         if problem is None:
             return path
         log.warning("skipping checkpoint %s: %s", path, problem)
@@ -97,14 +229,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def require_complete(path: str | Path) -> None:
-    """Raise CheckpointError naming the missing or truncated file if checkpoint `path` is not
-    complete as its manifest entry records it (for loading one checkpoint by name, not "latest")."""
+    """Raise CheckpointError naming the missing, truncated or corrupted file if checkpoint `path`
+    is not as its manifest entry records it (for loading one checkpoint by name, not "latest")."""
     path = Path(path)
     entry = next((e for e in read_manifest(path.parent.parent) if e["name"] == path.name), None)
     if entry is None:
         raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST}: it was never completed "
                               f"(a crash while writing?) or is not a dtr-scale checkpoint; pick a listed one")
-    problem = verify_checkpoint(path, entry)
+    problem = verify_checkpoint(path, entry, contents=True)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}; use an earlier checkpoint")
 
@@ -113,7 +245,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     meta = Path(path) / META
     if not meta.exists():
         raise CheckpointError(f"{meta} does not exist: {path} is not a complete dtr-scale checkpoint")
-    return json.loads(meta.read_text())
+    try:
+        return read_json(meta)
+    except CorruptFileError as err:
+        raise CheckpointError(f"{err}; checkpoint {path} is damaged: use an earlier one") from err
 
 
 def retained(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
@@ -122,6 +257,25 @@ def retained(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
     if keep_every:
         keep |= {s for s in steps if s % keep_every == 0}
     return keep
+
+
+def roll_forward(run_dir: str | Path) -> None:
+    """Finish the rename of a checkpoint whose manifest entry was written just before a crash."""
+    root = checkpoint_dir(run_dir)
+    for entry in read_manifest(run_dir):
+        final, partial = root / entry["name"], root / f"{entry['name']}.partial"
+        if not partial.is_dir() or verify_checkpoint(partial, entry, contents=True) is not None:
+            continue  # the usual case: no partial, or the partial of a later, unfinished save
+        if not final.exists() or verify_checkpoint(final, entry, contents=True) is not None:
+            log.info("completing the commit of %s, interrupted by a crash", final)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.replace(final)
+
+
+def _finish_write(save: Future, partial: Path, hash_here: bool) -> dict[str, str]:
+    """Wait for a background save, then hash its files (rank 0), off the training thread."""
+    save.result()
+    return digest_files(partial) if hash_here else {}
 
 
 class CheckpointManager:
@@ -137,6 +291,7 @@ class CheckpointManager:
         self.pending: tuple[Future, int, Path] | None = None
         self.on_disk_step: int | None = None  # the step this manager last saved or loaded
         self.blocked_seconds = 0.0  # time the training loop spent inside save(), for the step breakdown
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
         if world.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
@@ -155,15 +310,15 @@ class CheckpointManager:
         if self.world.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt at this step
             partial.mkdir(parents=True)
-            _write_json_atomic(partial / META, meta)
+            atomic_write_json(partial / META, meta)
         self._barrier()
         use_async = self.cfg.async_save if asynchronous is None else asynchronous
         future = self.backend.save(partial, asynchronous=use_async)
         if future is None:
             self._barrier()
-            self._commit(step, partial)
+            self._commit(step, partial, digest_files(partial) if self.world.rank == 0 else {})
         else:
-            self.pending = (future, step, partial)
+            self.pending = (self._hasher.submit(_finish_write, future, partial, self.world.rank == 0), step, partial)
 
     def poll(self) -> None:
         """Commit a finished background save (cheap; call every step)."""
@@ -175,22 +330,35 @@ class CheckpointManager:
             return
         future, step, partial = self.pending
         self.pending = None
-        future.result()
+        digests = future.result()
         # DCP's rank 0 finishes only after every rank's data is written: it may commit alone.
-        self._commit(step, partial)
+        self._commit(step, partial, digests)
 
-    def _commit(self, step: int, partial: Path) -> None:
+    def finish(self) -> None:
+        """On the way out, even after an error: commit a background save still in flight, so a
+        checkpoint that was being written when training stopped is not left as `.partial`."""
+        try:
+            self.wait()
+        except (Exception, CheckpointException) as err:  # the save itself failed: nothing to commit
+            log.error("the checkpoint being written when training stopped could not be completed: %s", err)
+        finally:
+            self._hasher.shutdown(wait=False)
+
+    def _commit(self, step: int, partial: Path, digests: dict[str, str]) -> None:
         if self.world.rank != 0:
             return
         final = self.root / checkpoint_name(step)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        files = {name: (partial / name).stat().st_size for name in digests}
         entries = [e for e in read_manifest(self.root.parent) if e["step"] != step]
-        entries.append({"step": step, "name": final.name, "files": files, "time": time.time()})
+        entries.append({"step": step, "name": final.name, "files": files, "sha256": digests, "time": time.time()})
         entries.sort(key=lambda e: e["step"])
         keep = retained([e["step"] for e in entries], self.cfg.keep_last, self.cfg.keep_every)
-        _write_json_atomic(self.root / MANIFEST, {"checkpoints": [e for e in entries if e["step"] in keep]})
+        # the manifest first, then the rename: a crash between them leaves an entry whose directory
+        # is missing or still the old one (reported and passed over), never a directory without an entry
+        atomic_write_json(self.root / MANIFEST, {"checkpoints": [e for e in entries if e["step"] in keep]})
+        shutil.rmtree(final, ignore_errors=True)
+        partial.replace(final)
+        fsync_dir(self.root)
         for e in entries:
             if e["step"] not in keep:
                 shutil.rmtree(self.root / e["name"], ignore_errors=True)
@@ -199,15 +367,48 @@ class CheckpointManager:
             self.on_commit(final, step)
 
     def load_latest(self) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint into the backend; its meta, or None for a fresh run."""
-        path = latest_checkpoint(self.root.parent)
-        return None if path is None else self.load(path)
+        """Load the newest checkpoint whose files match their manifest hashes into the backend;
+        its meta, or None for a fresh run. Rank 0 checks the files and tells the others which.
+        A manifest none of whose checkpoints is usable is a CheckpointError, not a fresh start."""
+        path, error = None, None
+        if self.world.rank == 0:
+            try:
+                path = self._choose_latest()
+            except CheckpointError as err:
+                error = err
+        if self.world.size > 1:
+            chosen = [None if path is None else str(path), None if error is None else str(error)]
+            dist.broadcast_object_list(chosen, src=0)
+            if chosen[1] is not None and error is None:
+                error = CheckpointError(chosen[1])
+            path = None if chosen[0] is None else Path(chosen[0])
+        if error is not None:
+            raise error
+        return None if path is None else self.load(path, verified=True)
 
-    def load(self, path: Path) -> dict[str, Any]:
-        """Load checkpoint `path` into the backend after checking its files against the manifest; its meta."""
-        require_complete(path)
+    def _choose_latest(self) -> Path | None:
+        roll_forward(self.root.parent)
+        checked = checked_checkpoints(self.root.parent, contents=True)
+        for _, path, problem in reversed(checked):
+            if problem is None:
+                return path
+            log.warning("skipping checkpoint %s: %s", path, problem)
+        if checked:
+            problems = "; ".join(problem for _, _, problem in checked)
+            raise CheckpointError(f"none of the checkpoints in {self.root / MANIFEST} is usable ({problems}); "
+                                  f"starting from step 0 would overwrite them: restore them, or move {self.root} "
+                                  f"aside to start the run afresh")
+        return None
+
+    def load(self, path: Path, *, verified: bool = False) -> dict[str, Any]:
+        """Load checkpoint `path` into the backend after checking its files against the manifest
+        (unless `verified` already); its meta."""
+        if not verified:
+            require_complete(path)
         try:
             self.backend.load(path)
+        except CheckpointError:
+            raise
         # DCP's CheckpointException derives from BaseException, so `except Exception` alone let
         # an unreadable DCP checkpoint escape as a bare "CheckpointException ranks:dict_keys([0])"
         except (Exception, CheckpointException) as err:

@@ -1,13 +1,15 @@
-"""`dtr-scale train` (= `dtr-train`): train a DiT from the Hydra config in configs/.
+"""`dtr-scale train` (= `dtr-train`): train a DiT from the Hydra config in dtr_scale/configs/.
 
     dtr-train                                   # the embedded main job on the digits
-    dtr-train cluster=null world_size=1         # the same, in this process
+    dtr-train cluster=none world_size=1         # the same, in this process
+    dtr-train run_dir=runs/my_run steps=2000    # resume runs/my_run and train on to step 2000
     dtr-train experiment=dtr_paper/dit_l2_dtr_antuw_2m cluster=my_slurm
     dtr-train --help                            # config groups and options
 
 With `cluster` set the run is submitted through submitit (local processes or
-SLURM); without it, it trains here (world_size local processes). Either way a
-run resumes from the latest complete checkpoint in its run_dir.
+SLURM); with cluster=none it trains here (world_size local processes). Either way
+a run resumes from the latest complete checkpoint in its run_dir, refusing a
+setting its checkpoints were not trained with.
 """
 
 from __future__ import annotations
@@ -17,24 +19,27 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from dtr_scale.config import ConfigError, TrainConfig, to_train_config
+from dtr_scale.cli import config_or_exit, exit_config_error, run_hydra
+from dtr_scale.config import ConfigError, TrainConfig, resume_changes
+from dtr_scale.configs import CONFIG_DIR  # noqa: F401  (where tests and tools compose train.yaml from)
 from dtr_scale.data.synthetic import SyntheticLatents
 from dtr_scale.eval import watcher
 from dtr_scale.eval.cli import run_eval
 from dtr_scale.eval.results import results_table
 from dtr_scale.eval.sample import sample_from_checkpoint
+from dtr_scale.launch.environment import launched_world
 from dtr_scale.launch.follow import JobFailed, follow_job
 from dtr_scale.launch.status import format_status, run_status
 from dtr_scale.launch.submit import submit_training
-from dtr_scale.train.checkpoint import latest_checkpoint
-from dtr_scale.train.local import run_processes
+from dtr_scale.provenance import write_provenance
+from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
+from dtr_scale.train.components import config_to_dict
+from dtr_scale.train.local import run_processes, train_in_launched_world
 from dtr_scale.train.loop import train
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 log = logging.getLogger("dtr_scale")
 
 
@@ -87,6 +92,18 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def run_training(cfg: TrainConfig) -> None:
     """Train `cfg` here or as a submitted job; when this process sees the end, evaluate."""
     cfg = absolute_paths(cfg)
+    launched = launched_world()
+    if launched is None or launched["RANK"] == "0":
+        write_provenance(cfg.run_dir)
+    if launched is not None:  # torchrun or a plain srun started this process as one rank: join that world
+        if cfg.cluster is not None:
+            log.info("RANK %s of WORLD_SIZE %s set by the launcher: training here, not on cluster.kind=%s",
+                     launched["RANK"], launched["WORLD_SIZE"], cfg.cluster.kind)
+        train_in_launched_world(cfg, launched, prepare=prepare_embedded_data)
+        if launched["RANK"] == "0":
+            log.info("training finished at step %d (run dir %s)", cfg.steps, cfg.run_dir)
+            after_training(cfg)
+        return
     prepare_embedded_data(cfg)
     if cfg.cluster is None:
         if cfg.world_size == 1:
@@ -106,21 +123,36 @@ def run_training(cfg: TrainConfig) -> None:
     after_training(cfg)
 
 
-def config_or_exit(raw: DictConfig) -> TrainConfig:
+def check_resume(cfg: TrainConfig) -> None:
+    """Resuming run_dir: refuse a setting its checkpoints were not trained with (ConfigError
+    naming each), and log the harmless changes (steps, evaluation, cluster, ...)."""
+    newest = latest_checkpoint(cfg.run_dir)
+    if newest is None:
+        return
+    breaking, harmless = resume_changes(read_meta(newest)["config"], config_to_dict(cfg))
+    for change in harmless:
+        log.info("resuming %s with a changed %s", cfg.run_dir, change)
+    if breaking:
+        raise ConfigError(f"run_dir {cfg.run_dir} was trained to {newest.name} with other settings, and a resume "
+                          f"must keep them; this command changes {'; '.join(breaking)}. Set them back (or drop "
+                          f"those overrides), or give a new run_dir to start a new run")
+
+
+def train_command(raw: DictConfig) -> None:
+    cfg = absolute_paths(config_or_exit(raw, "train"))
     try:
-        return to_train_config(raw)
+        check_resume(cfg)
     except ConfigError as err:
-        log.error("config error: %s", err)
-        sys.exit(2)
-
-
-@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
-def main(raw: DictConfig) -> None:
+        exit_config_error("train", err)
     try:
-        run_training(config_or_exit(raw))
+        run_training(cfg)
     except JobFailed as err:
         log.error("%s", err)
         sys.exit(1)
+
+
+def main() -> None:
+    run_hydra("train", "train", train_command, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -12,21 +12,28 @@ from dtr_scale.data.synthetic import SyntheticLatents, SyntheticLoader
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.models import DiT, create_model
+from dtr_scale.models.weights import load_dit_weights
+from dtr_scale.train.checkpoint import complete_checkpoints
 
 
-def build_model(cfg: TrainConfig) -> DiT:
+def build_model(cfg: TrainConfig, *, load_init: bool = True) -> DiT:
+    """The configured DiT; with model.init_from (and load_init), its weights come from that file
+    while the run has no complete checkpoint yet (a resume loads the checkpoint's instead)."""
     m, r = cfg.model, cfg.routing
-    return create_model(
+    model = create_model(
         m.name, routing=r.kind, beta=r.beta, alpha=r.alpha, routing_seed=r.seed,
         num_timesteps=cfg.diffusion.num_timesteps, input_size=m.input_size, in_channels=m.in_channels,
         num_classes=m.num_classes, learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
         **m.overrides(),
     )
+    if load_init and m.init_from and not complete_checkpoints(cfg.run_dir):
+        load_dit_weights(model, m.init_from)
+    return model
 
 
 def build_diffusion(cfg: TrainConfig) -> GaussianDiffusion:
     d = cfg.diffusion
-    return GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.learn_sigma)
+    return GaussianDiffusion.from_schedule(d.schedule, d.num_timesteps, d.learn_sigma, d.prediction)
 
 
 def build_objective(cfg: TrainConfig) -> TrainingObjective:

@@ -26,11 +26,14 @@ from dtr_scale.config import TrainConfig
 from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.eval.watcher import submit_at_save
+from dtr_scale.plots.routing import ROUTING_PNG, write_routing_png
 from dtr_scale.train.backends import make_backend
 from dtr_scale.train.checkpoint import CheckpointManager
 from dtr_scale.train.components import build_loader, build_model, build_objective, config_to_dict
 from dtr_scale.train.ema import make_ema
+from dtr_scale.train.lock import lock_run_dir
 from dtr_scale.train.metrics import MetricsLogger, StepTimer
+from dtr_scale.train.mtl import make_interval_gradient_step, max_grad_norm
 from dtr_scale.train.phema_snapshots import PosthocEMATracker
 
 log = logging.getLogger(__name__)
@@ -146,6 +149,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
         torch.cuda.set_device(world.local_rank)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir, world)  # held until the finally below, or until this process dies
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     model = build_model(cfg)
@@ -155,6 +159,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     n_params = sum(p.numel() for p in model.parameters())  # before any sharding
     backend = make_backend(cfg, world)
     backend.setup(module, ema)
+    interval_step = make_interval_gradient_step(cfg, objective, backend, world)  # ANT-Nash, PCGrad; else None
     phema = PosthocEMATracker(run_dir, model, cfg, world) if cfg.phema_stds else None
     if phema is not None:
         backend.extra_state["phema"] = phema.ema
@@ -174,20 +179,24 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     def save(step: int, asynchronous: bool | None = None) -> None:
         meta = {"step": step, "data": loader.state_dict(), "counters": vars(counters),
                 "world_size": world.size, "backend": cfg.backend.name, "config": config_to_dict(cfg)}
-        checkpoints.save(step, meta, asynchronous=asynchronous)
-        if phema is not None:
+        if phema is not None:  # before the checkpoint commits: a resume from it finds the snapshot
             phema.maybe_snapshot(step, at_checkpoint=True)
+        checkpoints.save(step, meta, asynchronous=asynchronous)
 
-    metrics = MetricsLogger(run_dir, cfg, enabled=world.rank == 0)
+    metrics = MetricsLogger(run_dir, cfg, enabled=world.rank == 0, resume_step=start)
     timer = StepTimer(cfg.device)
     if world.rank == 0:
         log.info("training %s (%.2fM params, routing=%s, weighting=%s) on %s x%d for %d steps, global batch %d",
                  cfg.model.name, n_params / 1e6, cfg.routing.kind, cfg.weighting.kind, cfg.backend.name,
                  world.size, cfg.steps, cfg.global_batch_size)
+        if model.routing is not None:  # routing.png: the masks this model routes with
+            r = cfg.routing
+            metrics.image("routing", write_routing_png(run_dir / ROUTING_PNG, model.routing.tables.cpu().numpy(),
+                                                       r.kind, r.beta, r.alpha))
 
     step, loss_value = start, None
     accum = cfg.backend.grad_accum
-    max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip is not None else math.inf
+    max_norm = max_grad_norm(cfg)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=True if world.rank != 0 else None,
                dynamic_ncols=True)
     try:
@@ -200,12 +209,15 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
             x0, y = next(loader)
             draws = draw_step(cfg, objective, step, world.rank, world.size)
             timer.start("forward_backward")
-            outs = []
-            for i, rows in enumerate(torch.arange(len(y)).chunk(accum)):
-                with backend.micro_step(last=i == accum - 1):
-                    out = backend.forward(x0[rows], y[rows], draws.t[rows], draws.noise[rows], draws.drop[rows])
-                    backend.backward(out["loss"] / accum)
-                outs.append({k: v.detach() for k, v in out.items()})
+            if interval_step is not None and interval_step.due(step):
+                outs = [interval_step.run(x0, y, draws, step, timer)]  # k per-interval gradients, combined
+            else:
+                outs = []
+                for i, rows in enumerate(torch.arange(len(y)).chunk(accum)):
+                    with backend.micro_step(last=i == accum - 1):
+                        out = backend.forward(x0[rows], y[rows], draws.t[rows], draws.noise[rows], draws.drop[rows])
+                        backend.backward(out["loss"] / accum)
+                    outs.append({k: v.detach() for k, v in out.items()})
             timer.start("optimizer")
             grad_norm = backend.clip_grad_norm(max_norm)
             # one all-reduce per step for every reported scalar: loss, unweighted loss, mse, vb, intervals
@@ -234,11 +246,6 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
             counters.images_seen += cfg.global_batch_size
             loss_value = loss.item()
             _watch_spike(counters, unweighted, step, cfg)
-            timer.start("checkpoint")
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
-                save(step, asynchronous=False if step == cfg.steps else None)
-            elif phema is not None:
-                phema.maybe_snapshot(step, at_checkpoint=False)
             timer.stop()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -255,13 +262,25 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
                 if objective.uw is not None:
                     weights = objective.uw.weights()
                     record["uw_weights"] = getattr(weights, "full_tensor", lambda: weights)().tolist()
+                if interval_step is not None:
+                    record.update(interval_step.log_values())
                 if cfg.device == "cuda":
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 metrics.write(record)
+            # after the step's metrics line: a resume keeps the lines up to its checkpoint's step,
+            # so a crash right after this commit must find this step's line already written
+            timer.start("checkpoint")  # counted in the next logging interval
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+                save(step, asynchronous=False if step == cfg.steps else None)
+            elif phema is not None:
+                phema.maybe_snapshot(step, at_checkpoint=False)
         checkpoints.wait()
     finally:
+        checkpoints.finish()  # after an error too: a save in flight is committed, not left .partial
         bar.close()
         metrics.close()
+        if lock is not None:
+            lock.release()
     return TrainResult("finished", step, run_dir, loss_value, counters.skipped_steps)
 
 

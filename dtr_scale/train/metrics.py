@@ -1,5 +1,9 @@
 """Rank-0 training metrics: a JSONL file in the run dir, a log line, and wandb
-(offline by default; a requeued run resumes the same wandb run)."""
+(offline by default; a requeued run resumes the same wandb run).
+
+metrics.jsonl holds each step once across crashes: a resumed run first drops the
+lines past the step it resumed from (the killed run logged them, the resumed one
+logs them again), and a line torn by a killed writer is closed off and skipped."""
 
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ from pathlib import Path
 import torch
 
 from dtr_scale.config import TrainConfig
+from dtr_scale.io import append_jsonl, read_jsonl, rewrite_jsonl
 from dtr_scale.train.components import config_to_dict
+from dtr_scale.train.progress import progress, progress_text
+from dtr_scale.train.training_plot import TrainingPlotter
 
 log = logging.getLogger(__name__)
-PHASES = ("data", "forward_backward", "optimizer", "checkpoint")
+PHASES = ("data", "forward_backward", "mtl", "optimizer", "checkpoint")  # mtl: ANT-Nash / PCGrad's own work
 
 
 class StepTimer:
@@ -57,15 +64,18 @@ def metrics_path(run_dir: str | Path) -> Path:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The run's logged records, oldest first; a line cut short by a killed writer is dropped."""
-    path = metrics_path(run_dir)
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return read_jsonl(metrics_path(run_dir))
+
+
+def records_up_to(records: list[dict], step: int) -> list[dict]:
+    """The first record of each step up to `step`: what a run resumed at `step` keeps."""
+    seen: set[int] = set()
+    kept = []
+    for record in records:
+        if record.get("step", step + 1) <= step and record["step"] not in seen:
+            seen.add(record["step"])
+            kept.append(record)
+    return kept
 
 
 def last_logged(run_dir: str | Path, tail_bytes: int = 65536) -> dict | None:
@@ -85,9 +95,19 @@ def last_logged(run_dir: str | Path, tail_bytes: int = 65536) -> dict | None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: TrainConfig, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
         self.path = metrics_path(run_dir)
+        if enabled and self.path.exists():
+            records = read_metrics(run_dir)
+            kept = records_up_to(records, resume_step)
+            if len(kept) != len(records) or self.path.read_bytes()[-1:] not in (b"", b"\n"):
+                log.info("%s: dropping %d line(s) past step %d, logged before the crash this run resumes from",
+                         self.path, len(records) - len(kept), resume_step)
+                rewrite_jsonl(self.path, kept)
+        self.total_steps = cfg.steps
+        self.step = resume_step  # the wandb step pictures are logged at
+        self.plotter = TrainingPlotter(run_dir, self.path) if enabled else None  # redraws training.png
         self.wandb = None
         if enabled and cfg.logging.wandb != "disabled":
             self.wandb = _init_wandb(run_dir, cfg)
@@ -95,18 +115,31 @@ class MetricsLogger:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info("step %d  loss %.4f  grad %.3g  %.1f img/s  data %.0f ms  fwd+bwd %.0f ms  opt %.0f ms",
+        record = {**record, "time": time.time(), "total_steps": self.total_steps}  # for ETA and percent done
+        self.step = record["step"]
+        append_jsonl(self.path, record)
+        self.plotter.update()
+        log.info("step %d  loss %.4f  grad %.3g  %.1f img/s  data %.0f ms  fwd+bwd %.0f ms  opt %.0f ms  %s",
                  record["step"], record["loss"], record["grad_norm"], record["images_per_s"],
-                 record["time_data_ms"], record["time_forward_backward_ms"], record["time_optimizer_ms"])
+                 record["time_data_ms"], record["time_forward_backward_ms"], record["time_optimizer_ms"],
+                 progress_text(progress(record)))
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if not isinstance(v, list)}
-            for name in ("interval_losses", "uw_weights"):
+            for name in ("interval_losses", "uw_weights", "nash_alpha"):
                 flat.update({f"{name}/{i}": v for i, v in enumerate(record.get(name, []))})
             self.wandb.log(flat, step=record["step"])
 
+    def image(self, name: str, path: Path | None) -> None:
+        """Log a picture of the run (training.png, routing.png) to wandb, when wandb is on."""
+        if self.wandb is not None and path is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(str(path))}, step=self.step)
+
     def close(self) -> None:
+        if self.plotter is not None:
+            self.image("training", self.plotter.finish(timeout_s=60.0))  # the final curves
+            self.plotter = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None

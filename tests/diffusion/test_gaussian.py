@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dtr_scale.config import ConfigError, DiffusionConfig
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.sampling import sample_latents
-from dtr_scale.diffusion.schedules import cosine_betas, linear_betas, space_timesteps
+from dtr_scale.diffusion.schedules import cosine_betas, ddim_timesteps, linear_betas, space_timesteps
 
 
 def test_linear_schedule_endpoints_and_abar():
@@ -104,3 +105,24 @@ def test_ddim_with_an_oracle_recovers_a_point_mass():
 
     out = sample_latents(Oracle(), d, torch.zeros(3, dtype=torch.long), shape=(1, 2, 2), cfg_scale=1.0, sampler="ddim")
     torch.testing.assert_close(out, c.expand(3, 1, 2, 2), atol=1e-3, rtol=0)
+
+
+def test_ddim_spacing_is_dits_ddimN():
+    # DiT's space_timesteps(1000, "ddimN"): the smallest stride whose range from 0 has N steps
+    assert ddim_timesteps(1000, 50) == list(range(0, 1000, 20))
+    assert ddim_timesteps(1000, 50)[:3] == [0, 20, 40] and ddim_timesteps(1000, 50)[-1] == 980
+    assert ddim_timesteps(1000, 25) == list(range(0, 1000, 40))
+    assert ddim_timesteps(1000, 1000) == list(range(1000))
+    r = GaussianDiffusion.from_schedule("linear").respaced(50, "ddim")
+    assert r.timestep_map.tolist() == list(range(0, 1000, 20))
+    # DDPM respacing is unchanged: evenly through 0..999
+    assert GaussianDiffusion.from_schedule("linear").respaced(50).timestep_map.tolist() == [
+        round(i * 999 / 49) for i in range(50)]
+    with pytest.raises(ValueError, match=r"diffusion\.sampling_steps=300"):  # as DiT, no stride gives 300
+        ddim_timesteps(1000, 300)
+
+
+def test_a_ddim_step_count_without_a_stride_fails_at_config_time():
+    with pytest.raises(ConfigError, match=r"diffusion\.sampling_steps=300: no integer stride"):
+        DiffusionConfig(sampler="ddim", sampling_steps=300)
+    assert DiffusionConfig(sampler="ddpm", sampling_steps=300).sampling_steps == 300

@@ -1,10 +1,12 @@
 """Loss weighting formulas of SPEC section 4, against hand-computed values."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from dtr_scale.diffusion.schedules import linear_betas, snr
+from dtr_scale.diffusion.schedules import make_betas, snr
 from dtr_scale.diffusion.weighting import (
     UncertaintyWeighting,
     interval_index,
@@ -42,12 +44,46 @@ def test_interval_index():
     assert interval_index(torch.tensor([0, 124, 125, 249, 250, 999]), b).tolist() == [0, 0, 1, 1, 2, 2]
 
 
-def test_snr_dp_finds_the_obvious_clusters_and_skews_on_linear():
-    values = np.array([0, 0, 0, 10, 10, 10, 20, 20], dtype=float)
-    assert snr_dp_intervals(values, 3).tolist() == [0, 3, 6, 8]
-    bounds = snr_dp_intervals(snr(np.cumprod(1 - linear_betas(1000))), 8)
-    assert bounds[0] == 0 and bounds[-1] == 1000 and np.all(np.diff(bounds) > 0)
-    assert bounds[-2] < 100  # SPEC: on the linear schedule nearly all of T falls in the last interval
+def ant_interval_cost(snr, bounds):
+    # ANT's `calculate_interval_loss`, summed over the intervals [l, r] that `bounds` delimit
+    total = 0.0
+    for left, end in zip(bounds[:-1], bounds[1:]):
+        right = end - 1
+        center = round((left + right + 1) / 2)
+        total += np.abs(snr[left:right + 1] - snr[center]).sum()
+    return total
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_snr_intervals_minimise_ants_cost_over_every_partition(k):
+    rng = np.random.default_rng(k)
+    for _ in range(5):
+        values = np.sort(rng.exponential(size=9))[::-1] * 100  # a non-increasing SNR
+        # ANT's split search: the first interval holds at least two timesteps
+        candidates = [[0, *cuts, 9] for cuts in itertools.combinations(range(2, 9), k - 1)]
+        best = min(candidates, key=lambda b: ant_interval_cost(values, b))
+        assert snr_dp_intervals(values, k).tolist() == best
+
+
+# ANT's `snr_based_clustering` prints these interval starts for k = 8; each printed start after the
+# first is one step before the start of the partition its DP optimised (its off-by-one).
+ANT_PRINTED = {"linear": [0, 1, 2, 5, 10, 18, 37, 94], "cosine": [0, 1, 2, 5, 10, 20, 43, 112]}
+ANT_DP_COST = {"linear": 9092.598173499178, "cosine": 24371.992605229603}  # its D[-1, k - 1]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_snr_intervals_on_the_real_schedules_are_ants_partition(schedule):
+    values = snr(np.cumprod(1 - make_betas(schedule, 1000)))
+    bounds = snr_dp_intervals(values, 8).tolist()
+    ant_partition = [0] + [start + 1 for start in ANT_PRINTED[schedule][1:]] + [1000]
+    assert bounds == ant_partition
+    assert ant_interval_cost(values, bounds) == pytest.approx(ANT_DP_COST[schedule], rel=1e-9)
+    assert bounds[-2] < 120  # SPEC: nearly all of T falls in the last interval
+
+
+def test_snr_intervals_refuse_an_increasing_snr():
+    with pytest.raises(ValueError, match="does not increase"):
+        snr_dp_intervals(np.array([1.0, 2.0, 3.0]), 2)
 
 
 def test_stratified_sampling_puts_batch_over_k_in_each_interval():

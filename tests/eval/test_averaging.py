@@ -80,3 +80,12 @@ def test_phema_without_snapshots_says_how_to_get_them(run_copy, checkpoint_at):
     shutil.rmtree(run_copy / "phema")
     with pytest.raises(AveragingError, match="no post-hoc EMA snapshots.*phema_stds"):
         averaged_model(checkpoint_at(run_copy, 250), "phema:0.1")
+
+
+def test_phema_with_a_snapshot_missing_from_the_grid_is_refused_unless_allowed(run_copy, checkpoint_at):
+    missing = run_copy / "phema" / snapshot_name(200, 0.05)
+    missing.unlink()
+    with pytest.raises(AveragingError, match=f"{missing.name}.*allow_missing_snapshots"):
+        averaged_model(checkpoint_at(run_copy, 250), "phema:0.1")
+    model, _ = averaged_model(checkpoint_at(run_copy, 250), "phema:0.1", allow_missing_snapshots=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -79,7 +79,9 @@ def test_merged_samples_are_an_adm_batch_and_a_grid_with_one_class_per_column(mo
     assert labels.tolist() == [i % 10 for i in range(25)]
     assert not list((tmp_path / "s").glob("chunk-*"))  # merged chunks are removed
     grid = Image.open(tmp_path / "s" / GRID_PNG)
-    assert grid.size == (10 * 18 + 2, 3 * 18 + 2)  # 10 class columns, 3 rows (classes 0-4 have 3 samples)
+    # 10 class columns, 3 rows (classes 0-4 have 3 samples): 16-pixel samples drawn 64 pixels wide, each under
+    # a 14-pixel caption, 4 pixels apart (eval/grids.py)
+    assert grid.size == (4 + 10 * (64 + 4), 4 + 3 * (14 + 64 + 4))
 
 
 def test_random_labels_are_one_seeded_draw_whatever_the_split():

@@ -165,3 +165,35 @@ def test_average_state_dicts_is_the_mean_and_keeps_integer_buffers():
 def test_average_state_dicts_rejects_different_models():
     with pytest.raises(KeyError, match="same model"):
         average_state_dicts([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}])
+
+
+def edm2_posthoc_coefficients(steps, stds, target_step, target_std):
+    # EDM2 training/phema.py, written out independently: p_dot_p, np.linalg.solve, X / X.sum(0)
+    def p_dot_p(t_a, g_a, t_b, g_b):
+        t_exp = np.where(t_a < t_b, g_b, -g_a)
+        return (g_a + 1) * (g_b + 1) * (t_a / t_b) ** t_exp / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
+
+    steps, gammas = np.float64(steps), np.float64(std_to_exp(np.float64(stds)))
+    a = p_dot_p(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])
+    b = p_dot_p(steps[:, None], gammas[:, None], np.float64([[target_step]]), std_to_exp(np.float64([[target_std]])))
+    x = np.linalg.solve(a, b)
+    return (x / x.sum(axis=0))[:, 0]
+
+
+@pytest.mark.parametrize("target_step, target_std", [(400, 0.07), (400, 0.13), (300, 0.05)])
+def test_coefficients_equal_edm2_normalised_solution_on_a_small_grid(target_step, target_std):
+    steps = [100, 100, 200, 200, 300, 300, 400, 400]
+    stds = [0.05, 0.10] * 4
+    profiles = [(s, float(std_to_exp(std))) for s, std in zip(steps, stds)]
+    got = solve_posthoc_coefficients(profiles, (target_step, float(std_to_exp(target_std))))
+    np.testing.assert_allclose(got, edm2_posthoc_coefficients(steps, stds, target_step, target_std), rtol=1e-6, atol=1e-9)
+    assert got.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_averaging_identical_snapshots_returns_them_unchanged():
+    # the unnormalised least-squares weights summed to ~1.001 here and gave 5.0051 for 5.0
+    state = {"constant": torch.full((3,), 5.0), "table": torch.linspace(-1, 1, 7)}
+    snapshots = [(step, float(std_to_exp(std)), state) for step in (100, 200, 300, 400) for std in (0.05, 0.10)]
+    rebuilt = reconstruct(snapshots, target_std=0.13, at_step=400)
+    torch.testing.assert_close(rebuilt["constant"], state["constant"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rebuilt["table"], state["table"], rtol=0, atol=1e-6)

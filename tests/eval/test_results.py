@@ -13,6 +13,7 @@ from dtr_scale.eval.results import (
     plot_results,
     read_results,
     record_key,
+    result_panels,
     results_path,
     results_table,
     wandb_metrics,
@@ -50,15 +51,20 @@ def test_no_results_no_table(tmp_path):
     assert results_table(tmp_path) == ""
 
 
-def test_plot_shows_the_main_metric_per_averaging(run_dir):
+def test_plot_shows_every_metric_per_averaging(run_dir):
     records = read_results(run_dir)
     assert main_metric(records) == "fid"
     assert metric_series(records, "fid") == {"ema": [(200_000, 12.59), (400_000, 8.9)],
                                              "phema:0.1": [(200_000, 11.0), (400_000, 8.24)]}
+    panels = result_panels(records)  # every metric the evaluation produced, not only the main one
+    assert [p.title for p in panels] == ["fid", "sfid", "inception_score", "precision", "recall"]
+    (ema, phema) = panels[1].curves
+    assert (ema.label, list(ema.steps), list(ema.values)) == ("ema", [200_000, 400_000], [25.18, 17.8])
+    assert phema.label == "phema:0.1" and list(panels[4].curves[0].values) == [0.51, 0.51]
     path = plot_results(run_dir)
     assert path == run_dir / "eval" / "results.png"
     width, height = Image.open(path).size
-    assert (width, height) == (600, 400)
+    assert (width, height) == (1350, 640)  # small multiples: 3 panels of 450 x 320 pixels a row, 2 rows
 
 
 def test_other_sampler_settings_get_their_own_line(run_dir):

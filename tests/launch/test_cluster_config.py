@@ -10,11 +10,15 @@ from launch_helpers import PRESETS, load_preset
 
 
 def test_presets_load():
-    assert {p.stem for p in PRESETS.glob("*.yaml")} == {"local", "slurm_debug", "example_cluster"}
+    assert {p.stem for p in PRESETS.glob("*.yaml")} == {"local", "slurm_debug", "example_cluster", "none",
+                                                        "slurm_two_nodes", "slurm_two_nodes_2x2"}
     local, debug, real = load_preset("local"), load_preset("slurm_debug"), load_preset("example_cluster")
     assert (local.kind, local.world_size) == ("local", 2)
     assert (debug.kind, debug.partition, debug.world_size) == ("slurm", "debug", 2)
     assert (real.nodes, real.gpus_per_node, real.world_size) == (1, 8, 8)
+    two, four = load_preset("slurm_two_nodes"), load_preset("slurm_two_nodes_2x2", world_size=4)
+    assert (two.nodes, two.tasks_per_node, two.world_size) == (2, 1, 2)
+    assert (four.nodes, four.tasks_per_node, four.world_size) == (2, 2, 4)
 
 
 def test_tasks_per_node_defaults_to_one_per_gpu():

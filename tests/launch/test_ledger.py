@@ -38,3 +38,25 @@ def test_missing_ledger_and_unknown_state_say_what_is_wrong(tmp_path):
         read_status(tmp_path)
     with pytest.raises(ValueError, match="not one of"):
         append_record(tmp_path, "exploded")
+
+
+def test_a_writer_killed_mid_line_loses_only_its_own_record(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    append_record(tmp_path, "running", job_id="10", requeues=0, start_step=0)
+    # a writer that has written half of its line when it is killed
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        f"fd = os.open({str(ledger_path(tmp_path))!r}, os.O_WRONLY | os.O_APPEND)\n"
+        "os.write(fd, b'{\"time\": \"2026-12-01T00:00:00+00:00\", \"state\": \"requeu')\n"
+        "print('written', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    append_record(tmp_path, "finished", job_id="10", requeues=0, start_step=0, end_step=400)
+    records = read_records(tmp_path)
+    assert [(r["state"], r.get("end_step")) for r in records] == [("running", None), ("finished", 400)]
+    assert read_status(tmp_path)["state"] == "finished"

@@ -151,8 +151,8 @@ def test_sigkill_while_writing_leaves_the_previous_checkpoint_and_resume_is_bitw
     resumed = train(killed)
     assert (resumed.status, resumed.step) == ("finished", STEPS)
     assert not list(checkpoint_dir(killed.run_dir).glob("*.partial"))  # the crashed attempt was replaced
-    resumed_losses = logged_losses(killed.run_dir)[-(STEPS - KILL_AT + EVERY):]
-    assert resumed_losses == logged_losses(straight.run_dir)[KILL_AT - EVERY:]
+    # each step logged once, the killed run's lines past its checkpoint replaced by the resumed run's
+    assert logged_losses(killed.run_dir) == logged_losses(straight.run_dir)
     want = final_weights(straight.run_dir)
     for name, value in final_weights(killed.run_dir).items():
         assert torch.equal(value, want[name]), name
@@ -164,14 +164,15 @@ def test_sigkill_of_both_ranks_while_writing_then_resume_on_two_ranks(tiny_confi
     assert_killed_mid_write(cfg.run_dir)
     assert len(list((checkpoint_dir(cfg.run_dir) / f"{checkpoint_name(KILL_AT)}.partial").glob("*.distcp"))) == 2
 
+    killed = dict(logged_losses(cfg.run_dir))
     run_processes(cfg, 2)
     assert latest_checkpoint(cfg.run_dir).name == checkpoint_name(STEPS)
     # the async write hung in the background while the killed run went on training and
-    # logging: the resumed run retraces those steps bitwise (DDP x2 -> DDP x2)
+    # logging: the resumed run replaces those lines (each step once) and retraces the
+    # steps bitwise (DDP x2 -> DDP x2)
     records = logged_losses(cfg.run_dir)
-    resumed = dict(records[-(STEPS - KILL_AT + EVERY):])
-    killed = dict(records[:-(STEPS - KILL_AT + EVERY)])
-    assert list(resumed) == list(range(KILL_AT - EVERY + 1, STEPS + 1))
+    assert [step for step, _ in records] == list(range(1, STEPS + 1))
+    resumed = dict(records[KILL_AT - EVERY:])
     overlap = [s for s in resumed if s in killed]
     assert overlap[:1] == [KILL_AT - EVERY + 1]  # logged before the killed write began, at least
     assert [resumed[s] for s in overlap] == [killed[s] for s in overlap]
@@ -227,15 +228,74 @@ def test_a_truncated_file_is_named_when_its_checkpoint_is_loaded_by_name(tiny_co
         require_complete(damaged)
 
 
-def test_a_corrupted_file_of_the_right_size_fails_the_resume_with_a_checkpoint_error(tiny_config, tmp_path):
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_named_and_resume_falls_back_to_the_checkpoint_before(tiny_config, tmp_path, caplog):
+    cfg, damaged = train_two_checkpoints(tiny_config, tmp_path)
+    shard = next(damaged.glob("*.distcp"))
+    size = shard.stat().st_size
+    flip_byte(shard, size // 2)  # same size: only the content hash can see it
+    assert shard.stat().st_size == size
+
+    with pytest.raises(CheckpointError, match=f"{shard} does not match its sha256"):
+        load_model(damaged)  # what export and evaluation read
+    assert latest_checkpoint(cfg.run_dir, contents=True).name == checkpoint_name(EVERY)
+    caplog.set_level("INFO")
+    resumed = train(dataclasses.replace(cfg, steps=2 * EVERY))
+    assert f"skipping checkpoint {damaged}: {shard} does not match its sha256" in caplog.text
+    assert f"resumed at step {EVERY}" in caplog.text
+    assert resumed.step == 2 * EVERY
+    require_complete(damaged)  # written anew
+
+
+def test_a_single_corrupt_checkpoint_is_an_error_not_a_restart_from_zero(tiny_config, tmp_path):
     cfg = crash_config(tiny_config, tmp_path / "run", steps=EVERY)
     train(cfg)
     damaged = latest_checkpoint(cfg.run_dir)
     shard = next(damaged.glob("*.distcp"))
-    shard.write_bytes(bytes(shard.stat().st_size))  # same size, zeros: no size check can see it
-    assert latest_checkpoint(cfg.run_dir) == damaged
-    with pytest.raises(CheckpointError, match=f"(?s){damaged} could not be loaded.*move it aside"):
+    shard.write_bytes(bytes(shard.stat().st_size))  # same size, zeros
+    with pytest.raises(CheckpointError, match=f"(?s)none of the checkpoints.*{shard} does not match its sha256"):
         train(dataclasses.replace(cfg, steps=2 * EVERY))
+
+
+def test_a_missing_manifest_beside_checkpoints_is_an_error_naming_what_to_do(tiny_config, tmp_path):
+    cfg, latest = train_two_checkpoints(tiny_config, tmp_path)
+    manifest = checkpoint_dir(cfg.run_dir) / "manifest.json"
+    manifest.unlink()
+    before = {p: p.stat().st_mtime_ns for p in checkpoint_dir(cfg.run_dir).rglob("*")}
+    with pytest.raises(CheckpointError, match=f"{manifest} is missing, but .* holds step_00000002, step_00000004.*"
+                                              f"Restore manifest.json"):
+        train(dataclasses.replace(cfg, steps=3 * EVERY))
+    assert {p: p.stat().st_mtime_ns for p in checkpoint_dir(cfg.run_dir).rglob("*")} == before  # nothing overwritten
+    assert [r["step"] for r in read_metrics(cfg.run_dir)] == list(range(1, 2 * EVERY + 1))
+
+
+def test_corrupt_manifest_or_meta_json_is_named(tiny_config, tmp_path):
+    cfg, latest = train_two_checkpoints(tiny_config, tmp_path)
+    manifest = checkpoint_dir(cfg.run_dir) / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=f"{manifest} is damaged"):
+        latest_checkpoint(cfg.run_dir)
+    with pytest.raises(CheckpointError, match=f"{manifest} is damaged"):
+        train(cfg)
+    manifest.write_text(good)
+    (latest / "meta.json").write_text('{"step": ')
+    with pytest.raises(CheckpointError, match=f"{latest / 'meta.json'} is not valid JSON"):
+        read_meta(latest)
+
+
+def test_a_commit_interrupted_between_manifest_and_rename_is_completed(tiny_config, tmp_path):
+    cfg, latest = train_two_checkpoints(tiny_config, tmp_path)
+    latest.rename(latest.with_name(f"{latest.name}.partial"))  # the crash window of a commit
+    resumed = train(dataclasses.replace(cfg, steps=2 * EVERY))
+    assert resumed.step == 2 * EVERY
+    assert latest_checkpoint(cfg.run_dir, contents=True) == latest
+    assert not list(checkpoint_dir(cfg.run_dir).glob("*.partial"))
 
 
 if __name__ == "__main__":

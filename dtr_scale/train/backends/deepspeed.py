@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -268,12 +269,23 @@ class DeepSpeedBackend:
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
         self.ema.load_state_dict(load_file(str(path / EMA_EXPORT), device=str(self.engine.device)))
-        extra = torch.load(path / EXTRA_FILE, map_location="cpu", weights_only=False)
+        extra = load_extra_state(path / EXTRA_FILE)
         for name, obj in self.extra_state.items():
             if name not in extra:
                 raise DeepSpeedCheckpointError(f"{path / EXTRA_FILE} has no {name!r} state (it has {sorted(extra)}); "
                                                f"the run that wrote it did not track it")
             obj.load_state_dict(extra[name])
+
+
+def load_extra_state(path: Path) -> dict[str, Any]:
+    """The loop's extra state (tensors, lists, numbers) with weights_only=True: no code runs from the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise DeepSpeedCheckpointError(
+            f"refusing to load {path}: it holds more than tensors and plain values ({err}), which a checkpoint "
+            f"written by dtr-scale never does (a crafted or foreign file); delete this checkpoint to resume from "
+            f"the one before") from err
 
 
 def needs_universal(saved: dict, world_size: int, zero_stage: int) -> bool:

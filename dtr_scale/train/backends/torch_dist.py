@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dtr_scale.config import TrainConfig
+from dtr_scale.train.checkpoint import dcp_load
 from dtr_scale.train.components import build_optimizer
 from dtr_scale.train.ema import update_ema
 from dtr_scale.train.speed import apply_speed_switches, autocast
@@ -118,7 +119,7 @@ class TorchBackend:
 
     def load(self, path: Path) -> None:
         state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)  # never unpickles code from the checkpoint's files
         set_state_dict(self.module, self.optimizer, model_state_dict=state["module"], optim_state_dict=state["optim"])
         set_model_state_dict(self.ema, state["ema"])
 

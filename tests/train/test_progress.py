@@ -1,0 +1,53 @@
+"""Percent done and ETA from a metrics record: the measured step rate, counted from now."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtr_scale.train.progress import eta_seconds, format_duration, progress, progress_text, steps_per_second
+
+# step 300 of 1200 at global batch 64: 19200 images seen, 128 images/s is 2 steps/s
+RECORD = {"step": 300, "images_seen": 19200, "images_per_s": 128.0, "total_steps": 1200, "time": 1_000_000.0}
+
+
+def test_the_step_rate_is_images_per_second_over_the_batch():
+    assert steps_per_second(RECORD) == 2.0
+    assert steps_per_second({"step": 0, "images_seen": 0, "images_per_s": 0.0}) is None
+
+
+def test_eta_is_the_steps_left_at_the_measured_rate():
+    assert eta_seconds(300, 1200, 2.0) == 450.0
+    assert eta_seconds(1200, 1200, None) == 0.0 and eta_seconds(10, 1200, None) is None
+
+
+def test_progress_counts_the_eta_from_now():
+    info = progress(RECORD)
+    assert (info["percent"], info["eta_s"], info["finish_time"]) == (25.0, 450.0, 1_000_450.0)
+    later = progress(RECORD, now=1_000_100.0)  # 100 s after the record: 350 s left
+    assert later["eta_s"] == 350.0 and progress(RECORD, now=2_000_000.0)["eta_s"] == 0.0
+    assert progress_text(later) == "25.0% of 1200 steps, ETA 0:05:50"
+    assert progress({"step": 3}) is None  # a record of an older version: no total, no progress
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0:00:00"), (59.2, "0:01:00"), (3725, "1:02:05"),
+                                           (2 * 86400 + 3 * 3600 + 4 * 60 + 5, "2d 03:04:05")])
+def test_durations_read_as_clock_time(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_each_log_line_ends_with_percent_done_and_eta(tmp_path, caplog):
+    import json
+    import logging
+
+    from dtr_scale.config import to_train_config
+    from dtr_scale.train.metrics import MetricsLogger, metrics_path
+
+    metrics = MetricsLogger(tmp_path, to_train_config({"steps": 1200, "logging": {"wandb": "disabled"}}), enabled=True)
+    with caplog.at_level(logging.INFO, logger="dtr_scale.train.metrics"):
+        metrics.write({"step": 300, "loss": 0.5, "grad_norm": 1.0, "images_per_s": 128.0, "images_seen": 19200,
+                       "time_data_ms": 1.0, "time_forward_backward_ms": 400.0, "time_optimizer_ms": 99.0})
+    metrics.close()
+    assert caplog.records[-1].getMessage().endswith("128.0 img/s  data 1 ms  fwd+bwd 400 ms  opt 99 ms  "
+                                                    "25.0% of 1200 steps, ETA 0:07:30")
+    (logged,) = [json.loads(line) for line in metrics_path(tmp_path).read_text().splitlines()]
+    assert logged["total_steps"] == 1200 and logged["time"] > 1.7e9  # what status computes its ETA from
