@@ -87,7 +87,7 @@ def config_or_exit(raw: DictConfig, command: str) -> TrainConfig:
 
 
 def _prep() -> None:
-    from data_prep.cli import main
+    from dtr_scale.data_prep.cli import main
 
     main()
 

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.train.cli import CONFIG_DIR
+from dtr_scale.configs import CONFIG_DIR
 
 sys.path.insert(0, str(Path(__file__).parent / "plan"))  # --import-mode=importlib: share the plan tests' helper
 from plan_helpers import compose_experiment  # noqa: E402
@@ -93,12 +93,12 @@ def test_preset_routes_and_weights_with_the_papers_settings(presets, name):
         # SPEC 4: k = 8 uniform intervals, stratified timesteps
         assert (w.num_intervals, w.intervals, w.stratify) == (8, "uniform", True)
         assert cfg.micro_batch_size % 8 == 0
+    else:
+        assert not w.stratify  # the baselines sample t uniformly
     if w.kind == "ant_uw":  # UW log-variances at lr 0.025, wd 0
         assert (w.uw_lr, w.uw_weight_decay) == (0.025, 0.0)
     if w.kind == "ant_nash":  # Nash-MTL: solve every 25 steps, at most 20 convex iterations, clip at 1
         assert (w.nash_update_every, w.nash_max_iter, w.nash_max_grad_norm) == (25, 20, 1.0)
-    else:
-        assert not w.stratify  # the baselines sample t uniformly
     if w.kind == "min_snr":
         assert (w.min_snr_gamma, cfg.diffusion.prediction) == (5.0, "eps")
 

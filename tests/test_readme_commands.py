@@ -16,6 +16,7 @@ directory of the user's configs (`--config-dir`).
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 import shutil
@@ -136,17 +137,19 @@ def help_of(command: str, workspace: Path, install: None, main_run: Path) -> Non
 
 
 def composed_and_planned(command: str, workspace: Path, install: None, main_run: Path) -> None:
-    """A run for a GPU cluster: the config it composes (--cfg job), and `plan` accepts it."""
+    """A run for a GPU cluster, or each run of a sweep: the config it composes (--cfg job), and
+    `plan` accepts it (once per configuration: seeds do not change what plan checks)."""
     args = [a for a in argv(command) if a not in ("-m",)]
-    sweep = next((a for a in args if "," in a and "=" in a and "[" not in a), None)
-    variants = [[*args]] if sweep is None else [
-        [value if a == sweep else a for a in args] for value in
-        (f"{sweep.split('=')[0]}={v}" for v in sweep.split("=", 1)[1].split(","))]
-    for variant in variants:
+    swept = [a for a in args if "," in a and "=" in a and "[" not in a]
+    choices = [[f"{a.split('=')[0]}={v}" for v in a.split("=", 1)[1].split(",")] if a in swept else [a]
+               for a in args]
+    firsts = {c[0] for c in choices}
+    for variant in itertools.product(*choices):
         extra = MY_CONFIGS if any(a == "cluster=my_slurm" for a in variant) else []
         shown = dtr_scale(variant[0], *extra, *variant[1:], "--cfg", "job", cwd=workspace)
         assert "model:" in shown.stdout
-        if variant[0] == "train":
+        first_seed = all(a in firsts for a in variant if a.startswith("seed="))
+        if variant[0] == "train" and first_seed:
             dtr_scale("plan", *extra, *variant[1:], cwd=workspace)  # the values, checked
 
 
@@ -227,6 +230,7 @@ COMMANDS: dict[str, Runner] = {
     "dtr-scale status RUN_DIR jobs, requeues, checkpoint, throughput, results": help_of,
     "dtr-scale compare RUN_DIR... | SWEEP_DIR several runs in one table and one plot": help_of,
     "dtr-scale export CHECKPOINT|RUN_DIR OUT.safetensors": help_of,
+    "dtr-scale sample weights=PATH [overrides] images from any weights: a grid and ADM's npz": help_of,
     "dtr-scale train model=dit_l2 routing=dtr weighting=ant_uw global_batch_size=256 world_size=8 "
     "backend=fsdp backend.precision=bf16 device=cuda cluster=my_slurm": composed_and_planned,
     "dtr-scale train --cfg job": shown_config,
@@ -240,14 +244,29 @@ COMMANDS: dict[str, Runner] = {
     'sbatch --wrap "dtr-scale eval run_dir=RUN --watch --submit '
     'eval.inception=/models/pt_inception-2015-12-05-6726825d.pth"': shown_config,
     "dtr-scale export RUN/checkpoints/step_02000000 dit_l2_dtr_antuw_2m.safetensors": exported,
+    # The released DiT-XL/2 (needs its weights, the VAE and a GPU): the commands answer --help
+    "dtr-scale eval --weights DiT-XL-2-256x256.pt --autoencoder sd-vae-ft-ema model=dit_xl2 routing=none "
+    "data=imagenet256 diffusion.guided_channels=first3 eval.labels=random eval.num_samples=50000 "
+    "eval.reference=VIRTUAL_imagenet256_labeled.npz eval.inception=pt_inception-2015-12-05-6726825d.pth "
+    "device=cuda run_dir=runs/dit_xl2_released": help_of,
+    "dtr-scale sample weights=DiT-XL-2-256x256.pt model=dit_xl2 routing=none autoencoder=sd-vae-ft-ema "
+    "classes=[207,360,387,974] num_samples=8 cfg_scale=4.0 sampler=ddpm steps=250 seed=0 out=samples/xl2 "
+    "device=cuda": help_of,
+    # Launching the way clusters do: the config each rank composes
+    "torchrun --standalone --nproc_per_node=8 --no-python dtr-scale train cluster=none world_size=8 "
+    "run_dir=runs/my_run experiment=dtr_paper/dit_l2_dtr_antuw_2m": shown_config,
+    "srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 dtr-scale train cluster=none world_size=16 "
+    "run_dir=runs/my_run experiment=dtr_paper/dit_l2_dtr_antuw_2m": shown_config,
     # The paper in miniature
-    "dtr-scale train -m experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw": composed_and_planned,
+    "dtr-scale train -m experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw,miniature/dtr_nash "
+    "seed=0,1,2": composed_and_planned,
     "dtr-scale compare multirun/DATE/TIME": compared,
     # Benchmarks
     "dtr-bench train": help_of,
     "dtr-bench eval": help_of,
     "dtr-bench routing": help_of,
     "dtr-bench data": help_of,
+    "dtr-bench reliability": help_of,
     # The user's path through the rest of README's text (lines README is to show as commands)
     "dtr-scale train cluster=none world_size=1 steps=200": in_process,
     "dtr-scale train run_dir=RUN steps=2000": resumed,

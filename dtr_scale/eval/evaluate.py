@@ -97,7 +97,7 @@ def eval_device(cfg: TrainConfig) -> torch.device:
 def dataset_decoder(cfg: TrainConfig, device: torch.device) -> Decoder:
     """The decoder of the autoencoder the run's dataset was encoded with (its manifest names it)."""
     require_images(cfg)
-    from data_prep.autoencoders import load_autoencoder
+    from dtr_scale.data_prep.autoencoders import load_autoencoder
     from dtr_scale.data.loader import read_manifest
 
     return load_autoencoder(read_manifest(cfg.data.path)["autoencoder"], device=str(device)).decode

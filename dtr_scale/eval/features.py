@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dtr_scale.data.digits import DIGITS_NUM_CLASSES, load_digits_images
+from dtr_scale.extras import import_extra
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch-fidelity's conversion of the TF 2015-12-05 graph; same tensors as pytorch-fid's pt_inception file
@@ -101,7 +102,8 @@ class InceptionFeatures(FeatureNetwork):
 
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        FeatureExtractorInceptionV3 = import_extra(
+            "torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
 
         from dtr_scale.models.weights import load_state_dict_file
 

@@ -62,7 +62,7 @@ def model_from_weights(weights: str | Path, cfg: TrainConfig) -> tuple[DiT, Trai
 def weights_decoder(cfg: TrainConfig, device: torch.device, autoencoder: str | None = None) -> Decoder:
     """The decoder of `autoencoder` (pixel, sd-vae-ft-ema, ...), else of the one cfg.data's shards
     were encoded with."""
-    from data_prep.autoencoders import load_autoencoder
+    from dtr_scale.data_prep.autoencoders import load_autoencoder
 
     if autoencoder:
         return load_autoencoder(autoencoder, device=str(device)).decode

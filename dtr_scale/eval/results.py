@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from dtr_scale.config import TrainConfig
+from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, atomic_write_text, read_jsonl
 from dtr_scale.plots.figure import Curve, Panel, draw_panels
+from dtr_scale.provenance import collect_provenance
 
 RESULTS_NAME = "results.jsonl"
 LOCK_NAME = ".lock"
@@ -73,6 +75,7 @@ def append_result(run_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]
     missing = [name for name in KEY_FIELDS if name not in record]
     if missing:
         raise KeyError(f"an evaluation record needs {', '.join(missing)} to be told apart from the others")
+    record = {**record, "provenance": record.get("provenance") or collect_provenance()}  # code and hardware
     with eval_lock(run_dir):
         stored = find_result(run_dir, record_key(record))
         if stored is not None:
@@ -187,7 +190,7 @@ def log_to_wandb(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, 
     nothing when disabled); one wandb run per run dir, resumed by every evaluation."""
     if cfg.logging.wandb == "disabled" or not records:
         return
-    import wandb
+    wandb = import_extra("wandb")
 
     directory = eval_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from dtr_scale.launch.ledger import ledger_path, read_status
 from dtr_scale.provenance import format_provenance, read_provenance
-from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
+from dtr_scale.train.manifest import latest_checkpoint, read_meta
 from dtr_scale.train.metrics import last_logged
 from dtr_scale.train.progress import format_clock, progress, progress_text
 

@@ -24,7 +24,6 @@ from omegaconf import DictConfig
 
 from dtr_scale.cli import config_or_exit, exit_config_error, run_hydra
 from dtr_scale.config import ConfigError, TrainConfig, resume_changes
-from dtr_scale.configs import CONFIG_DIR  # noqa: F401  (where tests and tools compose train.yaml from)
 from dtr_scale.data.synthetic import SyntheticLatents
 from dtr_scale.eval import watcher
 from dtr_scale.eval.cli import run_eval
@@ -34,7 +33,6 @@ from dtr_scale.launch.environment import launched_world
 from dtr_scale.launch.follow import JobFailed, follow_job
 from dtr_scale.launch.status import format_status, run_status
 from dtr_scale.launch.submit import submit_training
-from dtr_scale.provenance import write_provenance
 from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
 from dtr_scale.train.components import config_to_dict
 from dtr_scale.train.local import run_processes, train_in_launched_world
@@ -45,7 +43,7 @@ log = logging.getLogger("dtr_scale")
 
 def prepare_embedded_data(cfg: TrainConfig) -> None:
     if cfg.data.embedded and not (Path(cfg.data.path) / "manifest.json").exists():
-        from data_prep.digits import prepare_digits
+        from dtr_scale.data_prep.digits import prepare_digits
 
         log.info("preparing the embedded digits into %s", cfg.data.path)
         prepare_digits(cfg.data.path, format=cfg.data.format)
@@ -93,8 +91,6 @@ def run_training(cfg: TrainConfig) -> None:
     """Train `cfg` here or as a submitted job; when this process sees the end, evaluate."""
     cfg = absolute_paths(cfg)
     launched = launched_world()
-    if launched is None or launched["RANK"] == "0":
-        write_provenance(cfg.run_dir)
     if launched is not None:  # torchrun or a plain srun started this process as one rank: join that world
         if cfg.cluster is not None:
             log.info("RANK %s of WORLD_SIZE %s set by the launcher: training here, not on cluster.kind=%s",

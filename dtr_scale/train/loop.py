@@ -27,6 +27,7 @@ from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.eval.watcher import submit_at_save
 from dtr_scale.plots.routing import ROUTING_PNG, write_routing_png
+from dtr_scale.provenance import write_provenance
 from dtr_scale.train.backends import make_backend
 from dtr_scale.train.checkpoint import CheckpointManager
 from dtr_scale.train.components import build_loader, build_model, build_objective, config_to_dict
@@ -150,6 +151,8 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_dir(run_dir, world)  # held until the finally below, or until this process dies
+    if world.rank == 0:
+        write_provenance(run_dir)  # on the machine that trains: commit, packages, hardware, one line per start
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     model = build_model(cfg)

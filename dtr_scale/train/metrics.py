@@ -13,11 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
 from dtr_scale.config import TrainConfig
+from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, read_jsonl, rewrite_jsonl
-from dtr_scale.train.components import config_to_dict
 from dtr_scale.train.progress import progress, progress_text
 from dtr_scale.train.training_plot import TrainingPlotter
 
@@ -29,6 +27,8 @@ class StepTimer:
     """Wall time per phase of the step, summed between log lines (data stalls show up as `data`)."""
 
     def __init__(self, device: str):
+        import torch  # here, not at the top: `dtr-scale status` reads metrics without torch
+
         self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
@@ -132,8 +132,7 @@ class MetricsLogger:
     def image(self, name: str, path: Path | None) -> None:
         """Log a picture of the run (training.png, routing.png) to wandb, when wandb is on."""
         if self.wandb is not None and path is not None:
-            import wandb
-
+            wandb = import_extra("wandb")
             self.wandb.log({name: wandb.Image(str(path))}, step=self.step)
 
     def close(self) -> None:
@@ -146,7 +145,9 @@ class MetricsLogger:
 
 
 def _init_wandb(run_dir: Path, cfg: TrainConfig):
-    import wandb
+    from dtr_scale.train.components import config_to_dict
+
+    wandb = import_extra("wandb")
 
     id_file = run_dir / "wandb_id.txt"
     if not id_file.exists():

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.autoencoders import PixelAutoencoder
-from data_prep.merge import merge
-from data_prep.prepare import PrepSettings, prepare
-from data_prep.sources import ArraySource
+from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.data_prep.merge import merge
+from dtr_scale.data_prep.prepare import PrepSettings, prepare
+from dtr_scale.data_prep.sources import ArraySource
 
 
 class NoisyPixel(PixelAutoencoder):

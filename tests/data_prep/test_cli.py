@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from data_prep.cli import main, resolve_part, slurm_part
-from data_prep.layout import PrepError
+from dtr_scale.data_prep.cli import main, resolve_part, slurm_part
+from dtr_scale.data_prep.layout import PrepError
 from dtr_scale.data.shard_format import read_manifest
 
 

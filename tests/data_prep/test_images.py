@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.images import BadImage, center_crop_arr, open_image_bytes, prepare_image
+from dtr_scale.data_prep.images import BadImage, center_crop_arr, open_image_bytes, prepare_image
 
 
 def test_center_crop_keeps_the_middle_of_a_wide_image():

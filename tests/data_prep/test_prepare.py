@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.autoencoders import PixelAutoencoder, load_autoencoder
-from data_prep.images import center_crop_arr
-from data_prep.layout import PrepError
-from data_prep.merge import merge, verify
-from data_prep.prepare import ChunkInProgress, PrepSettings, encode_with_flip, prepare
-from data_prep.sources import ArraySource, FolderSource
+from dtr_scale.data_prep.autoencoders import PixelAutoencoder, load_autoencoder
+from dtr_scale.data_prep.images import center_crop_arr
+from dtr_scale.data_prep.layout import PrepError
+from dtr_scale.data_prep.merge import merge, verify
+from dtr_scale.data_prep.prepare import ChunkInProgress, PrepSettings, encode_with_flip, prepare
+from dtr_scale.data_prep.sources import ArraySource, FolderSource
 from dtr_scale.data.latents import draw_noise_and_flips
 from dtr_scale.data.loader import build_shard_loader
 from dtr_scale.data.readers import open_reader

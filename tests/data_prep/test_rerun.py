@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from data_prep.cli import main
+from dtr_scale.data_prep.cli import main
 from dtr_scale.data.loader import build_shard_loader
 from dtr_scale.io import CorruptFileError
 

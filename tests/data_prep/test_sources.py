@@ -4,7 +4,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from data_prep.sources import FolderSource, SourceError, digits_source, listing_sha256
+from dtr_scale.data_prep.sources import FolderSource, SourceError, digits_source, listing_sha256
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -11,7 +11,7 @@ from dtr_scale.config import ConfigError, WeightingConfig, to_train_config
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.diffusion.sampling import sample_latents
-from dtr_scale.train.cli import CONFIG_DIR
+from dtr_scale.configs import CONFIG_DIR
 from dtr_scale.train.components import build_objective
 
 TARGETS = ("eps", "v", "x0")

@@ -51,7 +51,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
-    from data_prep.digits import prepare_digits
+    from dtr_scale.data_prep.digits import prepare_digits
 
     path = tmp_path_factory.mktemp("digits") / "digits"
     with single_thread():

@@ -35,9 +35,9 @@ def loads(monkeypatch):
     seen = []
     real = evaluate.averaged_model
 
-    def spy(checkpoint, spec):
+    def spy(checkpoint, spec, **options):
         seen.append((checkpoint.name, spec))
-        return real(checkpoint, spec)
+        return real(checkpoint, spec, **options)
 
     monkeypatch.setattr(evaluate, "averaged_model", spy)
     return seen

@@ -12,9 +12,10 @@ import submitit
 from omegaconf import OmegaConf
 
 from dtr_scale.config import ClusterConfig
+from dtr_scale.configs import CONFIG_DIR
 from dtr_scale.launch.ledger import ledger_path, read_records
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "cluster"
+PRESETS = Path(CONFIG_DIR) / "cluster"
 
 
 def load_preset(name: str, world_size: int = 2) -> ClusterConfig:

@@ -13,7 +13,7 @@ import pytest
 from dtr_scale.config import to_train_config
 from dtr_scale.launch.ledger import append_record
 from dtr_scale.launch.status import format_status, run_status
-from dtr_scale.provenance import collect_provenance, read_provenance, write_provenance
+from dtr_scale.provenance import collect_provenance, read_provenance
 from dtr_scale.train.loop import train
 
 
@@ -27,8 +27,7 @@ def trained_run(tmp_path_factory):
         "global_batch_size": 8, "weighting": {"num_intervals": 4}, "checkpoint": {"every": 4},
         "logging": {"every": 3, "wandb": "disabled"}, "sample_at_end": 0,
     }))
-    write_provenance(run_dir)  # what `dtr-scale train` writes at the start of a run
-    return run_dir
+    return run_dir  # train() wrote its provenance at the start
 
 
 def test_a_run_trained_in_process_shows_its_checkpoint_and_speed(trained_run):
@@ -77,7 +76,7 @@ def test_the_provenance_names_the_code_the_software_and_the_hardware(trained_run
 
     import torch
 
-    (record,) = read_provenance(trained_run)
+    (record,) = read_provenance(trained_run)  # one start, one line
     assert record == json.loads(json.dumps({**collect_provenance(), "time": record["time"], "argv": sys.argv}))
     assert record["packages"]["torch"] == torch.__version__.split("+")[0] and record["python"] == platform.python_version()
     assert record["hardware"]["gpu_count"] == torch.cuda.device_count()

@@ -213,7 +213,7 @@ def test_a_rank_killed_on_node2_fails_the_job_naming_node_and_rank(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    from data_prep.digits import prepare_digits
+    from dtr_scale.data_prep.digits import prepare_digits
 
     path = tmp_path_factory.mktemp("digits") / "digits"
     prepare_digits(str(path), format="mds")

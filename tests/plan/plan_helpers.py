@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 
 from dtr_scale.config import (BackendConfig, CheckpointConfig, EvalConfig, ModelConfig, TrainConfig,
                               WeightingConfig, to_train_config)
-from dtr_scale.train.cli import CONFIG_DIR
+from dtr_scale.configs import CONFIG_DIR
 
 
 def gpu_run(model: str | ModelConfig = "DiT-XL/2", backend: str = "ddp", world_size: int = 8,

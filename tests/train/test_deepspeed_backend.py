@@ -279,7 +279,9 @@ def test_zero_stages_match_one_process_skip_and_resume_across_world_sizes(tiny_c
         {"name": "z3_2to1", **z3_nan, "start": SAVE_AT, "load": ck["z3"]},
         {"name": "z2_one", "stage": 2, "start": 0, "save_at": SAVE_AT, "save": ck["z2_one"]},
     ])
-    assert one["z2_one"]["losses"] == ref["losses"]  # ZeRO on one process is the plain loop, bitwise
+    # ZeRO on one process is the plain loop up to the order of the clipping norm's sum (DeepSpeed
+    # sums its flat gradient buffer, torch each tensor): a float32 ulp in the clip factor
+    assert one["z2_one"]["losses"] == pytest.approx(ref["losses"], rel=1e-6, abs=0)
     again = launch(tmp_path, "again", 2, base, [
         {"name": "z2_1to2", **z2_skip, "start": SAVE_AT, "load": ck["z2_one"]},
         {"name": "z1_to_z2", "stage": 2, "start": SAVE_AT, "load": ck["z1"]},

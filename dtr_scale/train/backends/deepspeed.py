@@ -64,6 +64,7 @@ from torch import nn
 
 from dtr_scale.config import ConfigError, TrainConfig
 from dtr_scale.eval.sample import EMA_EXPORT
+from dtr_scale.extras import import_extra
 from dtr_scale.train.components import build_optimizer
 from dtr_scale.train.ema import update_ema
 from dtr_scale.train.speed import apply_speed_switches
@@ -131,7 +132,7 @@ class DeepSpeedBackend:
 
     def setup(self, module: DiffusionTrainModule, ema: nn.Module) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.cfg.device == "cuda" else "cpu")
-        import deepspeed
+        deepspeed = import_extra("deepspeed")
 
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -199,7 +200,7 @@ class DeepSpeedBackend:
         """Full parameters of `model` inside the context (collective under ZeRO-3, read-only)."""
         if self.stage < 3:
             return contextlib.nullcontext()
-        import deepspeed
+        deepspeed = import_extra("deepspeed")
 
         return deepspeed.zero.GatheredParameters(list(model.parameters()))
 

@@ -10,9 +10,10 @@ import os
 
 import numpy as np
 
-from data_prep.layout import read_json
 from dtr_scale.data.shard_format import (TAR_LABEL, TAR_MOMENTS, TAR_SOURCE, TAR_SHARD_NAME, build_tar_index,
                                          mds_columns, tar_index_path, tar_sample_key)
+from dtr_scale.data_prep.layout import read_json
+from dtr_scale.extras import import_extra
 
 MDS_SIZE_LIMIT = 1 << 28  # bytes per .mds file; a 1024-image chunk of 256 px latents is ~32 MiB
 
@@ -36,7 +37,7 @@ class MDSChunkWriter:
 
 class TarChunkWriter:
     def __init__(self, directory: str, stored_shape: tuple[int, ...], dtype: str) -> None:
-        from webdataset import TarWriter
+        TarWriter = import_extra("webdataset").TarWriter
 
         os.makedirs(directory, exist_ok=True)
         self._path = os.path.join(directory, TAR_SHARD_NAME)

@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from data_prep.images import DEFAULT_MAX_PIXELS
-from data_prep.layout import PrepError
+from dtr_scale.data_prep.images import DEFAULT_MAX_PIXELS
+from dtr_scale.data_prep.layout import PrepError
 from dtr_scale.data.shard_format import FORMATS
 
 
@@ -50,11 +50,11 @@ def _device(name: str) -> str:
 
 
 def run_images(args: argparse.Namespace) -> None:
-    from data_prep.autoencoders import load_autoencoder
-    from data_prep.layout import check_output_dir
-    from data_prep.merge import merge
-    from data_prep.prepare import PrepSettings, prepare
-    from data_prep.sources import FolderSource
+    from dtr_scale.data_prep.autoencoders import load_autoencoder
+    from dtr_scale.data_prep.layout import check_output_dir
+    from dtr_scale.data_prep.merge import merge
+    from dtr_scale.data_prep.prepare import PrepSettings, prepare
+    from dtr_scale.data_prep.sources import FolderSource
 
     part, num_parts = resolve_part(args.part, args.num_parts, dict(os.environ))
     settings = PrepSettings(format=args.format, resolution=args.resolution, dtype=args.dtype,
@@ -70,20 +70,20 @@ def run_images(args: argparse.Namespace) -> None:
 
 
 def run_digits(args: argparse.Namespace) -> None:
-    from data_prep.digits import prepare_digits
+    from dtr_scale.data_prep.digits import prepare_digits
 
     manifest = prepare_digits(args.out, format=args.format, progress=not args.no_progress)
     logging.getLogger(__name__).info("digits ready at %s: %d samples", args.out, manifest["num_samples"])
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    from data_prep.merge import merge
+    from dtr_scale.data_prep.merge import merge
 
     merge(args.out)
 
 
 def run_verify(args: argparse.Namespace) -> None:
-    from data_prep.merge import verify
+    from dtr_scale.data_prep.merge import verify
 
     bad = verify(args.out)
     if bad:
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data_prep.autoencoders import MissingWeightsError
-    from data_prep.sources import SourceError
+    from dtr_scale.data_prep.autoencoders import MissingWeightsError
+    from dtr_scale.data_prep.sources import SourceError
     from dtr_scale.data.shard_format import ShardDataError
 
     args = build_parser().parse_args(argv)

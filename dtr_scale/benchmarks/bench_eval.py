@@ -1,7 +1,7 @@
 """The evaluator's costs on this machine, for the embedded digits default (configs/train.yaml:
 tiny DiT + DTR, 4 x 8 x 8 latents, DDPM 50 steps, CFG 1.5, 500 samples in batches of 250).
 
-    python -m benchmarks.bench_eval [--images 8192] [--batch-sizes 64 256 1024] [--sample-images 250]
+    python -m dtr_scale.benchmarks.bench_eval [--images 8192] [--batch-sizes 64 256 1024] [--sample-images 250]
                                     [--threads N] [--skip-full] [--cache PATH]
     dtr-bench eval [same options]
 
@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtr_scale.configs import CONFIG_DIR
 from dtr_scale.data.digits import load_digits_images
 from dtr_scale.eval.features import FeatureNetwork, InceptionFeatures, load_digits_classifier
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def images_per_second(net: FeatureNetwork, images: np.ndarray, batch_size: int, repeats: int = 3) -> float:
@@ -57,7 +56,7 @@ def default_config(work: Path, overrides: list[str]):
 
 def trained_checkpoint(work: Path) -> tuple[Path, object]:
     """A 2-step run of the default config: (its checkpoint, its config)."""
-    from data_prep.digits import prepare_digits
+    from dtr_scale.data_prep.digits import prepare_digits
     from dtr_scale.train.checkpoint import latest_checkpoint
     from dtr_scale.train.loop import train
 

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 import sys
 
-import benchmarks
+from dtr_scale import benchmarks
 
 
 def available() -> list[str]:
@@ -18,7 +18,7 @@ def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(f"usage: dtr-bench {{{','.join(names)}}} [options]   (dtr-bench NAME --help for each)")
         sys.exit(0 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") else 2)
-    importlib.import_module(f"benchmarks.bench_{sys.argv[1]}").main(sys.argv[2:])
+    importlib.import_module(f"dtr_scale.benchmarks.bench_{sys.argv[1]}").main(sys.argv[2:])
 
 
 if __name__ == "__main__":

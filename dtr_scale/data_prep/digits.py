@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 
-from data_prep.autoencoders import PixelAutoencoder
-from data_prep.merge import merge
-from data_prep.prepare import PrepSettings, prepare
-from data_prep.sources import digits_source
+from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.data_prep.merge import merge
+from dtr_scale.data_prep.prepare import PrepSettings, prepare
+from dtr_scale.data_prep.sources import digits_source
 from dtr_scale.data.shard_format import MANIFEST_NAME, read_manifest
 
 DIGITS_RESOLUTION = 16

@@ -1,6 +1,6 @@
 """Training-step time of the same DiT with routing none vs dtr vs random, in one run.
 
-    python -m benchmarks.bench_routing [--model DiT-S/2] [--batch 16] [--steps 20]
+    python -m dtr_scale.benchmarks.bench_routing [--model DiT-S/2] [--batch 16] [--steps 20]
 
 Steps of the variants are interleaved so machine noise hits all of them alike;
 the figure is the ratio of median step times (target: DTR within 3% of vanilla).

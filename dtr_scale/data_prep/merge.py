@@ -12,9 +12,9 @@ import re
 import shutil
 import tempfile
 
-from data_prep.layout import (CHUNK_META, PREP_NAME, REPORT_NAME, PrepError, chunk_dir, chunk_is_done,
+from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, REPORT_NAME, PrepError, chunk_dir, chunk_is_done,
                               chunk_ranges, parts_of_chunks, read_json, write_json_atomic)
-from data_prep.prepare import record_sha256
+from dtr_scale.data_prep.prepare import record_sha256
 from dtr_scale.data.shard_format import MANIFEST_NAME, file_sha256, tar_index_path
 from dtr_scale.io import fsync_dir
 

@@ -1,6 +1,6 @@
 """The training loop's costs on this CPU, each measured within one run of this script.
 
-    python -m benchmarks.bench_train [--depth 4] [--hidden-size 384] [--input-size 16] [--batch 16] [--out FILE]
+    python -m dtr_scale.benchmarks.bench_train [--depth 4] [--hidden-size 384] [--input-size 16] [--batch 16] [--out FILE]
     dtr-bench train [same options]
 
 (a) backends: step time (data + forward/backward + optimizer, from the loop's StepTimer)
@@ -198,7 +198,7 @@ def first_step_child(spawned: float, started: float, config_path: str) -> None:
 
 def time_first_step(config_path: Path, threads: int) -> dict[str, float]:
     """Seconds from spawning a python process that trains `config_path` to its first step, in parts."""
-    code = ("import sys, time; started = time.time(); from benchmarks.bench_train import first_step_child; "
+    code = ("import sys, time; started = time.time(); from dtr_scale.benchmarks.bench_train import first_step_child; "
             "first_step_child(float(sys.argv[1]), started, sys.argv[2])")
     spawned = time.time()
     proc = subprocess.run([sys.executable, "-c", code, repr(spawned), str(config_path)], capture_output=True,

@@ -16,6 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from dtr_scale.extras import import_extra
+
 SD_VAES = {"sd-vae-ft-ema": "stabilityai/sd-vae-ft-ema", "sd-vae-ft-mse": "stabilityai/sd-vae-ft-mse"}
 AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,7 +136,7 @@ def load_autoencoder(name: str, *, weights: str | None = None, device: str = "cp
     location = weights or repo or name
     if weights is not None and not os.path.isdir(weights):
         raise MissingWeightsError(_missing_weights_message(name, repo, weights))
-    from diffusers import AutoencoderKL  # heavy import, only when a VAE is really used
+    AutoencoderKL = import_extra("diffusers").AutoencoderKL  # heavy import, only when a VAE is really used
 
     try:
         vae = AutoencoderKL.from_pretrained(location, local_files_only=True)

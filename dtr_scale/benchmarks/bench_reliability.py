@@ -1,7 +1,7 @@
 """Kill trials: SIGKILL a training run at a random point, resume it, compare with a run
 that was never killed.
 
-    python -m benchmarks.bench_reliability [--trials 32] [--steps 8] [--seed 0] [--out FILE]
+    python -m dtr_scale.benchmarks.bench_reliability [--trials 32] [--steps 8] [--seed 0] [--out FILE]
     dtr-bench reliability [same options]
 
 Each trial draws 1 or 2 processes, asynchronous or synchronous saves, and a kill point:
@@ -124,7 +124,7 @@ def run(config: dict, workdir: Path, name: str, kill: dict | None = None, timeou
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(REPO)}
         with open(workdir / f"{name}.{rank}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.bench_reliability", "--child", str(spec)],
+            procs.append(subprocess.Popen([sys.executable, "-m", "dtr_scale.benchmarks.bench_reliability", "--child", str(spec)],
                                           env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs):

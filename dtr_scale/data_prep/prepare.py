@@ -1,7 +1,7 @@
 """Encode one part of a source listing into finished chunks of latent shards.
 
 For every image: ADM center crop, encode it and its horizontal flip, store the posterior moments
-(data_prep.writers, layout in dtr_scale.data.shard_format). Images are decoded by DataLoader workers and
+(dtr_scale.data_prep.writers, layout in dtr_scale.data.shard_format). Images are decoded by DataLoader workers and
 encoded in batches on the autoencoder's device. A chunk is written under a temporary name and renamed when
 complete, so an interrupted run loses at most the chunks it was writing and a rerun redoes exactly those.
 """
@@ -22,13 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data_prep.autoencoders import Autoencoder
-from data_prep.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
-from data_prep.layout import (CHUNK_META, PREP_NAME, PrepError, check_output_dir, chunk_dir, chunk_is_done,
+from dtr_scale.data_prep.autoencoders import Autoencoder
+from dtr_scale.data_prep.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
+from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, PrepError, check_output_dir, chunk_dir, chunk_is_done,
                               chunk_name, chunk_ranges, part_chunks, part_marker, read_json, stale_tmp_dirs,
                               tmp_chunk_dir, write_json_atomic)
-from data_prep.sources import ArraySource, FolderSource, listing_sha256
-from data_prep.writers import open_chunk_writer
+from dtr_scale.data_prep.sources import ArraySource, FolderSource, listing_sha256
+from dtr_scale.data_prep.writers import open_chunk_writer
 from dtr_scale.data.shard_format import FORMATS, file_sha256
 
 log = logging.getLogger(__name__)

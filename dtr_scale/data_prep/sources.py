@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data_prep.images import DEFAULT_MAX_PIXELS, BadImage, open_image_bytes
+from dtr_scale.data_prep.images import DEFAULT_MAX_PIXELS, BadImage, open_image_bytes
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's

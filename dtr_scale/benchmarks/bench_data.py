@@ -1,6 +1,6 @@
 """Data pipeline throughput: the shard loader (MDS and webdataset) and the pixel-autoencoder encode path.
 
-    python -m benchmarks.bench_data [--samples 4096] [--workers 2] [--batch 256]
+    python -m dtr_scale.benchmarks.bench_data [--samples 4096] [--workers 2] [--batch 256]
 
 Loader: 4 x 32 x 32 latents stored as posterior mean + std in fp16 (the ImageNet-256 layout), read with
 fresh noise and flips, in batches of `--batch`. Target on a 2-core machine: >= 10,000 samples/s.
@@ -20,11 +20,11 @@ import numpy as np
 import psutil  # installed with the project's dependencies (deepspeed, wandb)
 import torch
 
-from data_prep.autoencoders import PixelAutoencoder
-from data_prep.digits import prepare_digits
-from data_prep.merge import merge
-from data_prep.prepare import PrepSettings, encode_with_flip, prepare
-from data_prep.sources import ArraySource
+from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.data_prep.digits import prepare_digits
+from dtr_scale.data_prep.merge import merge
+from dtr_scale.data_prep.prepare import PrepSettings, encode_with_flip, prepare
+from dtr_scale.data_prep.sources import ArraySource
 from dtr_scale.data.loader import build_shard_loader
 
 

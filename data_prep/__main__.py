@@ -1,3 +1,0 @@
-from data_prep.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from dtr_scale.data_prep.cli import main
+
+main()
