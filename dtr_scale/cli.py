@@ -42,8 +42,8 @@ def hydra_overrides(command: str, args: list[str]) -> list[str]:
     sweeping = "-m" in out or "--multirun" in out
     if command == "train" and not sweeping and not any(arg.startswith("hydra.run.dir=") for arg in out):
         run_dir = next((arg.split("=", 1)[1] for arg in out if arg.lstrip("+").startswith("run_dir=")), None)
-        if run_dir:
-            out.append(f"hydra.run.dir={run_dir}")
+        if run_dir:  # first: after a flag such as `--cfg job`, argparse would not take it as an override
+            out.insert(0, f"hydra.run.dir={run_dir}")
     return out
 
 

@@ -230,7 +230,7 @@ COMMANDS: dict[str, Runner] = {
     "dtr-scale status RUN_DIR jobs, requeues, checkpoint, throughput, results": help_of,
     "dtr-scale compare RUN_DIR... | SWEEP_DIR several runs in one table and one plot": help_of,
     "dtr-scale export CHECKPOINT|RUN_DIR OUT.safetensors": help_of,
-    "dtr-scale sample weights=PATH [overrides] images from any weights: a grid and ADM's npz": help_of,
+    "dtr-scale sample weights=PATH [overrides] images from any weights: a grid and an ADM npz": help_of,
     "dtr-scale train model=dit_l2 routing=dtr weighting=ant_uw global_batch_size=256 world_size=8 "
     "backend=fsdp backend.precision=bf16 device=cuda cluster=my_slurm": composed_and_planned,
     "dtr-scale train --cfg job": shown_config,

@@ -118,7 +118,7 @@ def write_samples(out: str | Path, images: np.ndarray, labels: np.ndarray) -> tu
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
+        print(f"usage: dtr-scale sample weights=PATH [own keys] [key=value ...] [group=option ...]\n\n{__doc__}")
         return
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:

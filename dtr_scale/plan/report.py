@@ -48,7 +48,10 @@ def config_summary(cfg: TrainConfig) -> Rows:
                "random": f"random (R-TR), beta {r.beta:g}, seed {r.seed}"}[r.kind]
     weighting = {"uniform": "uniform", "min_snr": f"min-SNR, gamma {w.min_snr_gamma:g} ({d.prediction})",
                  "p2": f"P2, gamma {w.p2_gamma:g}, k {w.p2_k:g}",
-                 "ant_uw": f"ANT-UW, UW lr {w.uw_lr:g}, wd {w.uw_weight_decay:g}"}[w.kind]
+                 "ant_uw": f"ANT-UW, UW lr {w.uw_lr:g}, wd {w.uw_weight_decay:g}",
+                 "ant_nash": f"ANT-Nash, solved every {w.nash_update_every} steps ({w.nash_max_iter} iterations), "
+                             f"grad norm <= {w.nash_max_grad_norm:g}",
+                 "pcgrad": "PCGrad over the interval gradients"}[w.kind]
     cluster = cfg.cluster
     where = ("this process" if cluster is None else
              f"{cluster.kind}: {cluster.nodes} node(s) x {cluster.tasks_per_node} tasks"
