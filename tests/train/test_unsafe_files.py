@@ -139,3 +139,26 @@ def test_deepspeed_extra_state_is_read_with_weights_only(tmp_path):
     with pytest.raises(DeepSpeedCheckpointError, match=f"refusing to load {evil}"):
         load_extra_state(evil)
     assert not marker.exists()
+
+
+def test_training_resume_refuses_a_payload_in_a_deepspeed_shard(tiny_config, tmp_path, monkeypatch):
+    from dtr_scale.train.backends.deepspeed import DeepSpeedCheckpointError
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed asks for it even on one process
+
+    cfg = tiny_config(run_dir=str(tmp_path / "run"), steps=2, phema_stds=[],
+                      **{"checkpoint.every": 2, "backend.name": "deepspeed", "backend.zero_stage": 2})
+    train(cfg)
+    checkpoint = latest_checkpoint(cfg.run_dir)
+    (shard,) = checkpoint.rglob("mp_rank_00_model_states.pt")
+    state = torch.load(shard, weights_only=False)  # the test's own, trusted file
+    marker = tmp_path / "payload-ran"
+    state["trap"] = Payload(marker)
+    torch.save(state, shard)
+    reseal(checkpoint)
+    with pytest.raises(CheckpointError, match=rf"refusing to load {shard}: .*posix\.system") as refused:
+        train(dataclasses.replace(cfg, steps=4))
+    assert isinstance(refused.value.__cause__, DeepSpeedCheckpointError)
+    assert not marker.exists()
+    torch.load(shard, weights_only=False)  # and it was a real payload
+    assert marker.exists()

@@ -55,6 +55,7 @@ import os
 import pickle
 import shutil
 from argparse import Namespace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,13 +238,17 @@ class DeepSpeedBackend:
         return None
 
     def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not (path / META_FILE).exists():
             raise DeepSpeedCheckpointError(f"{path} has no {META_FILE}: it was not written by the DeepSpeed backend; "
                                            "resume it with the backend named in its meta.json")
         meta = json.loads((path / META_FILE).read_text())
+        with deepspeed_files_read_safely():
+            self._load(path, meta)
+
+    def _load(self, path: Path, meta: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
         universal = needs_universal(meta, self.world.size, self.stage)
         load_dir = path
         if universal:
@@ -276,6 +281,41 @@ class DeepSpeedBackend:
                 raise DeepSpeedCheckpointError(f"{path / EXTRA_FILE} has no {name!r} state (it has {sorted(extra)}); "
                                                f"the run that wrote it did not track it")
             obj.load_state_dict(extra[name])
+
+
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The only classes a DeepSpeed checkpoint of this project pickles besides plain data and tensors."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def deepspeed_files_read_safely() -> Iterator[None]:
+    """DeepSpeed reads its shard files with torch.load(weights_only=False), which runs whatever a
+    crafted file holds. Inside this context every torch.load is weights_only=True, with DeepSpeed's
+    own checkpoint classes allowed, and a file that needs anything else is refused by name."""
+    real_load = torch.load
+
+    def load_weights_only(f, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+            raise DeepSpeedCheckpointError(
+                f"refusing to load {f}: it holds objects that a DeepSpeed checkpoint written by dtr-scale never "
+                f"does ({found or 'not plain data'}), so loading it could run code; delete this checkpoint to "
+                f"resume from the one before") from None
+
+    with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+        torch.load = load_weights_only
+        try:
+            yield
+        finally:
+            torch.load = real_load
 
 
 def load_extra_state(path: Path) -> dict[str, Any]:
