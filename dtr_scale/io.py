@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -88,12 +90,16 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # Exclusive while checking the last byte and writing: another writer's line that is being
+        # copied in would otherwise look torn and get a needless blank line before this one.
+        with contextlib.suppress(OSError):  # a filesystem without locks: at worst a blank line
+            fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
         os.write(fd, (("\n" if torn else "") + json.dumps(record) + "\n").encode())
         os.fsync(fd)
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -106,8 +106,8 @@ def test_backend_settings_are_checked_before_any_process_starts():
 
 
 def test_train_run_dir_also_places_hydras_outputs_there():
-    assert hydra_overrides("train", ["run_dir=runs/a", "steps=5"]) == ["run_dir=runs/a", "steps=5",
-                                                                      "hydra.run.dir=runs/a"]
+    assert hydra_overrides("train", ["run_dir=runs/a", "steps=5"]) == ["hydra.run.dir=runs/a", "run_dir=runs/a",
+                                                                      "steps=5"]
     assert hydra_overrides("train", ["steps=5"]) == ["steps=5"]  # a new run: runs/DATE/TIME
     assert "hydra.run.dir=runs/a" not in hydra_overrides("train", ["-m", "run_dir=runs/a"])  # sweeps: their own
     assert hydra_overrides("plan", ["run_dir=runs/a"]) == ["run_dir=runs/a"]  # planning writes nothing
