@@ -17,7 +17,7 @@ import os
 import socket
 import tempfile
 
-from dtr_scale.io import atomic_write_text, read_json  # noqa: F401  (read_json: prep's JSON reader, names the file)
+from dtr_scale.io import atomic_write_text
 
 PREP_NAME = "prep.json"
 CHUNK_META = "chunk.json"

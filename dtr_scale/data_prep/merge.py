@@ -13,10 +13,10 @@ import shutil
 import tempfile
 
 from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, REPORT_NAME, PrepError, chunk_dir, chunk_is_done,
-                              chunk_ranges, parts_of_chunks, read_json, write_json_atomic)
+                                        chunk_ranges, parts_of_chunks, write_json_atomic)
 from dtr_scale.data_prep.prepare import record_sha256
 from dtr_scale.data.shard_format import MANIFEST_NAME, file_sha256, tar_index_path
-from dtr_scale.io import fsync_dir
+from dtr_scale.io import fsync_dir, read_json
 
 log = logging.getLogger(__name__)
 

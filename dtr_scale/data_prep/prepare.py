@@ -25,11 +25,12 @@ from tqdm import tqdm
 from dtr_scale.data_prep.autoencoders import Autoencoder
 from dtr_scale.data_prep.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, PrepError, check_output_dir, chunk_dir, chunk_is_done,
-                              chunk_name, chunk_ranges, part_chunks, part_marker, read_json, stale_tmp_dirs,
-                              tmp_chunk_dir, write_json_atomic)
+                                        chunk_name, chunk_ranges, part_chunks, part_marker, stale_tmp_dirs,
+                                        tmp_chunk_dir, write_json_atomic)
 from dtr_scale.data_prep.sources import ArraySource, FolderSource, listing_sha256
 from dtr_scale.data_prep.writers import open_chunk_writer
 from dtr_scale.data.shard_format import FORMATS, file_sha256
+from dtr_scale.io import read_json
 
 log = logging.getLogger(__name__)
 

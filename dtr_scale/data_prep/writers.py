@@ -12,8 +12,8 @@ import numpy as np
 
 from dtr_scale.data.shard_format import (TAR_LABEL, TAR_MOMENTS, TAR_SOURCE, TAR_SHARD_NAME, build_tar_index,
                                          mds_columns, tar_index_path, tar_sample_key)
-from dtr_scale.data_prep.layout import read_json
 from dtr_scale.extras import import_extra
+from dtr_scale.io import read_json
 
 MDS_SIZE_LIMIT = 1 << 28  # bytes per .mds file; a 1024-image chunk of 256 px latents is ~32 MiB
 

@@ -101,5 +101,5 @@ def test_status_of_a_finished_run_imports_no_torch_and_prints_the_provenance(tra
     assert done.returncode == 0, done.stderr
     assert "torch imported: False" in done.stdout
     commit = read_provenance(trained_run)[-1]["git"]["commit"]
-    assert f"code       dtr-scale " in done.stdout and f"commit {commit[:12]}" in done.stdout
+    assert "code       dtr-scale " in done.stdout and f"commit {commit[:12]}" in done.stdout
     assert "checkpoint " in done.stdout and "(step 6)" in done.stdout
