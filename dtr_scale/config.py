@@ -164,6 +164,9 @@ class DataConfig:
     format: str = "mds"  # mds | webdataset
     num_workers: int = 0
     embedded: bool = False  # the digits: prepared into `path` on first use (a few seconds)
+    # Train on the image or its horizontal flip, drawn per (seed, epoch, sample): DiT's augmentation
+    # for ImageNet. Off for data whose mirror image is something else (handwritten digits).
+    hflip: bool = True
     # synthetic: class-conditional Gaussian blobs with a known answer
     num_samples: int = 4096
     noise_std: float = 0.3

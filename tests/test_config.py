@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from dtr_scale.cli import hydra_overrides
+from dtr_scale.command_line import hydra_overrides
 from dtr_scale.config import ConfigError, TrainConfig, resume_changes, to_train_config
 from dtr_scale.configs import CONFIG_DIR
 from dtr_scale.train.components import config_to_dict
@@ -84,7 +84,7 @@ def test_batch_not_divisible_by_intervals():
 
 def test_cli_rejects_a_bad_override_before_training(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "dtr_scale.train.cli", f"run_dir={tmp_path}/run", "routing.beta=0"],
+        [sys.executable, "-m", "dtr_scale.run", f"run_dir={tmp_path}/run", "routing.beta=0"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert run.returncode == 2

@@ -11,11 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from dtr_scale.config import to_train_config
+from dtr_scale.eval.digits import load_digits_classifier
 from dtr_scale.eval.results import read_results
 from dtr_scale.launch.ledger import read_records
 from dtr_scale.models import create_model
+from dtr_scale.models.autoencoders import PixelAutoencoder
+from dtr_scale.train.components import build_loader
 from dtr_scale.train.metrics import read_metrics
 
 DTR_SCALE = str(Path(sys.executable).parent / "dtr-scale")
@@ -46,6 +51,19 @@ def test_the_digits_are_prepared_into_shards_once(main_job):
     assert (root / "digits" / "manifest.json").exists()
     assert "preparing the embedded digits" in first.stdout
     assert "preparing the embedded digits" not in second.stdout
+
+
+def test_the_digits_train_unmirrored_and_are_the_classifiers_digits(main_job):
+    # A mirrored 2, 3, 4, 7 or 9 is not a digit: the default turns DiT's random flip off, so every
+    # training latent decodes to a real digit that the digits classifier recognises.
+    root, run_dir, _, _ = main_job
+    cfg = to_train_config(OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml")))
+    assert cfg.data.hflip is False
+    cfg.data.path = str(root / "digits")
+    latents, labels = next(build_loader(cfg, rank=0, world_size=1))
+    images = PixelAutoencoder().decode(latents).numpy()
+    accuracy = float((load_digits_classifier().extract(images)["logits"].argmax(1) == labels.numpy()).mean())
+    assert len(images) == 64 and accuracy >= 0.97, accuracy
 
 
 def test_two_processes_train_and_the_second_command_resumes(main_job):

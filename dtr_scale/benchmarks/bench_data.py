@@ -20,7 +20,7 @@ import numpy as np
 import psutil  # installed with the project's dependencies (deepspeed, wandb)
 import torch
 
-from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.models.autoencoders import PixelAutoencoder
 from dtr_scale.data_prep.digits import prepare_digits
 from dtr_scale.data_prep.merge import merge
 from dtr_scale.data_prep.prepare import PrepSettings, encode_with_flip, prepare

@@ -28,7 +28,8 @@ import torch
 
 from dtr_scale.configs import CONFIG_DIR
 from dtr_scale.data.digits import load_digits_images
-from dtr_scale.eval.features import FeatureNetwork, InceptionFeatures, load_digits_classifier
+from dtr_scale.eval.digits import load_digits_classifier
+from dtr_scale.eval.features import FeatureNetwork, InceptionFeatures
 
 
 def images_per_second(net: FeatureNetwork, images: np.ndarray, batch_size: int, repeats: int = 3) -> float:
@@ -68,15 +69,16 @@ def trained_checkpoint(work: Path) -> tuple[Path, object]:
 
 def bench_sampling(checkpoint: Path, cfg, num_images: int, work: Path) -> None:
     from dtr_scale.diffusion.sampling import sample_latents
-    from dtr_scale.eval.evaluate import dataset_decoder, sample_spec
+    from dtr_scale.eval.evaluate import dataset_decoder
     from dtr_scale.eval.generate import generate_chunks
     from dtr_scale.eval.sample import load_model
+    from dtr_scale.eval.settings import EvalSettings
     from dtr_scale.train.components import build_diffusion
 
     model, run_cfg = load_model(checkpoint)
     d = cfg.diffusion
     diffusion = build_diffusion(run_cfg).respaced(d.sampling_steps)
-    spec = dataclasses.replace(sample_spec(cfg, run_cfg, 0, "bench"), num_samples=num_images)
+    spec = dataclasses.replace(EvalSettings.of(cfg).sample_spec(run_cfg.model, 0, "bench"), num_samples=num_images)
     decode = dataset_decoder(cfg, torch.device("cpu"))
     start = time.perf_counter()
     generate_chunks(model, diffusion, spec, work / "samples", decode)

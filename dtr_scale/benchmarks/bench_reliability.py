@@ -160,7 +160,7 @@ def judge(run_dir: Path, reference: Path, config: dict) -> dict:
 
     from dtr_scale.config import to_train_config
     from dtr_scale.train.metrics import read_metrics
-    from dtr_scale.train.phema_snapshots import snapshot_inventory
+    from dtr_scale.train.phema import snapshot_inventory
 
     logged = [r["step"] for r in read_metrics(run_dir)]
     losses = {r["step"]: r["loss"] for r in read_metrics(run_dir)}

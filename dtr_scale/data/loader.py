@@ -12,11 +12,13 @@ because its order changes with the number of ranks and workers and it cannot res
 Workers: worker w of n builds the batches of steps start + w, start + w + n, ...; torch's DataLoader hands
 them back round-robin, i.e. in step order, so the sequence does not depend on num_workers either.
 Random access assumes the shards sit on a filesystem with a page cache (node-local disk is fastest).
+The training loop wraps any loader in DevicePrefetcher (below): batches arrive on the GPU one step ahead.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,25 +29,30 @@ from dtr_scale.data.order import BatchOrder
 from dtr_scale.data.readers import open_reader
 from dtr_scale.data.shard_format import FORMATS, ShardDataError, read_manifest
 
-__all__ = ["ShardLoader", "build_shard_loader", "read_manifest", "load_batch"]
+__all__ = ["DevicePrefetcher", "ShardLoader", "build_shard_loader", "read_manifest", "load_batch"]
 
 STATE_VERSION = 1
 
 
-def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents float32 [B, C, h, w], labels int64 [B]) for the samples at these positions in this epoch."""
+def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest: dict,
+               hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents float32 [B, C, h, w], labels int64 [B]) for the samples at these positions in this epoch;
+    with hflip=False always from the image itself (the noise draws stay the same)."""
     rows = [reader.read(p) for p in positions.tolist()]
     moments = np.stack([m for m, _ in rows])
     labels = torch.tensor([label for _, label in rows], dtype=torch.int64)
     eps, flips = draw_noise_and_flips(seed, epoch, positions, tuple(manifest["latent_shape"]))
+    if not hflip:
+        flips[:] = False
     return sample_latents(moments, flips, eps, manifest["scale_factor"]), labels
 
 
 class _RankBatches(IterableDataset):
     """This rank's batches from `start_step` on, split across DataLoader workers by step."""
 
-    def __init__(self, root: str, manifest: dict, order: BatchOrder, start_step: int) -> None:
+    def __init__(self, root: str, manifest: dict, order: BatchOrder, start_step: int, hflip: bool) -> None:
         self.root, self.manifest, self.order, self.start_step = root, manifest, order, start_step
+        self.hflip = hflip
 
     def __iter__(self):
         worker = get_worker_info()
@@ -53,14 +60,16 @@ class _RankBatches(IterableDataset):
         reader = open_reader(self.root, self.manifest)  # opened here: one per worker process
         for step in itertools.count(self.start_step + worker_id, num_workers):
             yield load_batch(reader, self.order.rank_positions(step), epoch=self.order.epoch(step),
-                             seed=self.order.seed, manifest=self.manifest)
+                             seed=self.order.seed, manifest=self.manifest, hflip=self.hflip)
 
 
 class ShardLoader:
     """An endless iterator of this rank's batches; its position is the number of global steps consumed."""
 
-    def __init__(self, root: str, manifest: dict, order: BatchOrder, num_workers: int = 0) -> None:
+    def __init__(self, root: str, manifest: dict, order: BatchOrder, num_workers: int = 0,
+                 hflip: bool = True) -> None:
         self.root, self.manifest, self.order, self.num_workers = root, manifest, order, num_workers
+        self.hflip = hflip
         self.step = 0
         self._batches = None
 
@@ -77,7 +86,7 @@ class ShardLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
-            stream = _RankBatches(self.root, self.manifest, self.order, self.step)
+            stream = _RankBatches(self.root, self.manifest, self.order, self.step, self.hflip)
             # Workers prefetch ahead; `step` counts only the batches handed out, so the state stays exact.
             self._batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
         batch = next(self._batches)
@@ -104,8 +113,9 @@ class ShardLoader:
 
 
 def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: int, world_size: int,
-                       seed: int, num_workers: int = 0) -> ShardLoader:
-    """The loader of the prepared dataset at `path` (a directory with manifest.json)."""
+                       seed: int, num_workers: int = 0, hflip: bool = True) -> ShardLoader:
+    """The loader of the prepared dataset at `path` (a directory with manifest.json); hflip: draw
+    the image or its stored horizontal flip per sample and epoch (DiT's augmentation)."""
     manifest = read_manifest(path)
     if format not in FORMATS:
         raise ShardDataError(f"data.format={format!r} is not one of {', '.join(FORMATS)}")
@@ -116,4 +126,47 @@ def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: 
     # Opening a reader here checks the shards against the manifest now, and imports the format's library
     # once in this process instead of once in every worker.
     open_reader(path, manifest)
-    return ShardLoader(path, manifest, order, num_workers)
+    return ShardLoader(path, manifest, order, num_workers, hflip)
+
+
+class DevicePrefetcher:
+    """A loader's batches on `device`, one batch ahead: on CUDA the next batch is copied from
+    pinned memory on a side stream while the current step runs (non-blocking), so the step
+    finds it there. The position it reports and restores is that of the batches handed out,
+    not of the one fetched ahead, so a checkpoint resumes at the exact batch."""
+
+    def __init__(self, loader: Any, device: torch.device | str) -> None:
+        self.loader, self.device = loader, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._ahead: tuple[tuple[torch.Tensor, ...], Any, dict] | None = None  # batch, copy event, position before it
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def _fetch(self) -> tuple[tuple[torch.Tensor, ...], Any, dict]:
+        position = self.loader.state_dict()
+        batch = next(self.loader)
+        if self.stream is None:
+            return tuple(t.to(self.device) for t in batch), None, position
+        with torch.cuda.stream(self.stream):
+            moved = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return moved, copied, position
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        batch, copied, _ = self._ahead if self._ahead is not None else self._fetch()
+        if copied is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)  # the device waits for the copy, the host does not
+            for t in batch:
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        self._ahead = self._fetch()
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._ahead[2] if self._ahead is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ahead = None
+        self.loader.load_state_dict(state)

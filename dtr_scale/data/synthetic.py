@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dtr_scale.data.order import BatchOrder
+
 
 def step_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (seed, step, ...), stable across runs and platforms."""
@@ -34,41 +36,32 @@ class SyntheticLatents:
 
 
 class SyntheticLoader:
-    """Per-rank batches from a deterministic stream of epoch permutations.
-
-    The global batch of step s is stream positions [s*B, (s+1)*B); rank r takes
-    its contiguous slice. The position is the whole state, so resuming (also on
-    another world size with the same global batch) continues the same stream.
+    """Per-rank batches of the in-memory latents, in the order every loader uses (`BatchOrder`):
+    global step s reads a slice of the epoch's permutation drawn from (seed, epoch), and rank r
+    its contiguous part. The step is the whole state, saved as the stream position
+    step x global batch, so resuming (also on another world size with the same global batch)
+    continues the same sequence.
     """
 
     def __init__(self, dataset: SyntheticLatents, *, global_batch_size: int, rank: int, world_size: int, seed: int):
         self.dataset = dataset
-        self.global_batch_size = global_batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed = seed
-        self.position = 0
+        self.order = BatchOrder(len(dataset), global_batch_size, rank, world_size, seed)
+        self.step = 0
 
-    def _indices(self, start: int, count: int) -> torch.Tensor:
-        n = len(self.dataset)
-        positions = torch.arange(start, start + count)
-        out = torch.empty(count, dtype=torch.long)
-        for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(self.seed, epoch)))
-            here = positions.div(n, rounding_mode="floor") == epoch
-            out[here] = perm[positions[here] % n]
-        return out
-
-    def __iter__(self):
+    def __iter__(self) -> SyntheticLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        per_rank = self.global_batch_size // self.world_size
-        idx = self._indices(self.position + self.rank * per_rank, per_rank)
-        self.position += self.global_batch_size
+        idx = torch.tensor(self.order.rank_positions(self.step))
+        self.step += 1
         return self.dataset.latents[idx], self.dataset.labels[idx]
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.step * self.order.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        steps, rest = divmod(int(state["position"]), self.order.global_batch_size)
+        if rest:
+            raise ValueError(f"loader state position {state['position']} is not a whole number of global batches of "
+                             f"{self.order.global_batch_size}; resume with the global_batch_size that wrote it")
+        self.step = steps

@@ -50,7 +50,7 @@ def _device(name: str) -> str:
 
 
 def run_images(args: argparse.Namespace) -> None:
-    from dtr_scale.data_prep.autoencoders import load_autoencoder
+    from dtr_scale.models.autoencoders import load_autoencoder
     from dtr_scale.data_prep.layout import check_output_dir
     from dtr_scale.data_prep.merge import merge
     from dtr_scale.data_prep.prepare import PrepSettings, prepare
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dtr_scale.data_prep.autoencoders import MissingWeightsError
+    from dtr_scale.models.autoencoders import MissingWeightsError
     from dtr_scale.data_prep.sources import SourceError
     from dtr_scale.data.shard_format import ShardDataError
 

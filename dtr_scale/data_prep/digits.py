@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.models.autoencoders import PixelAutoencoder
 from dtr_scale.data_prep.merge import merge
 from dtr_scale.data_prep.prepare import PrepSettings, prepare
 from dtr_scale.data_prep.sources import digits_source

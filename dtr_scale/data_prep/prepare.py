@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dtr_scale.data_prep.autoencoders import Autoencoder
+from dtr_scale.models.autoencoders import Autoencoder
 from dtr_scale.data_prep.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, PrepError, check_output_dir, chunk_dir, chunk_is_done,
                                         chunk_name, chunk_ranges, part_chunks, part_marker, stale_tmp_dirs,

@@ -25,9 +25,22 @@ PREDICTIONS = ("eps", "v", "x0")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, original t) -> model output
 
 
+_TABLES_ON_DEVICE: dict[tuple[int, torch.device], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def _on_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A schedule table copied to `device` once: a copy from pageable host memory waits for the
+    device, which a training step must not do."""
+    key = (id(arr), device)
+    cached = _TABLES_ON_DEVICE.get(key)
+    if cached is None or cached[0] is not arr:  # an id can be reused once its array is gone
+        cached = _TABLES_ON_DEVICE[key] = (arr, torch.from_numpy(arr).to(device))
+    return cached[1]
+
+
 def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """arr[t] as float32 on t's device, broadcastable to an ndim-dim tensor."""
-    out = torch.from_numpy(arr).to(t.device)[t].float()
+    out = _on_device(arr, t.device)[t].float()
     return out.view(-1, *([1] * (ndim - 1)))
 
 

@@ -54,9 +54,11 @@ class TrainingObjective(nn.Module):
         return len(self.boundaries) - 1
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Timesteps on the generator's device (the CPU without one)."""
+        device = generator.device if generator is not None else torch.device("cpu")
         if self.cfg.stratify:
-            return stratified_timesteps(batch_size, self.boundaries.cpu(), generator)
-        return torch.randint(0, self.diffusion.num_timesteps, (batch_size,), generator=generator)
+            return stratified_timesteps(batch_size, self.boundaries.to(device), generator)
+        return torch.randint(0, self.diffusion.num_timesteps, (batch_size,), generator=generator, device=device)
 
     def sample_weights(self, t: torch.Tensor) -> torch.Tensor:
         snr = self.snr[t]

@@ -101,16 +101,17 @@ def stratified_timesteps(batch_size: int, boundaries: torch.Tensor, generator: t
     k = len(boundaries) - 1
     if batch_size % k:
         raise ValueError(f"batch size {batch_size} is not divisible by the {k} timestep intervals")
-    interval = torch.arange(batch_size) % k
+    interval = torch.arange(batch_size, device=boundaries.device) % k
     low, high = boundaries[interval], boundaries[interval + 1]
-    u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=boundaries.device)
     return low + (u * (high - low)).long()
 
 
 def interval_means(per_sample: torch.Tensor, interval: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of `per_sample` within each of k intervals, and the counts (a mean over 0 samples is NaN)."""
     sums = torch.zeros(k, dtype=per_sample.dtype, device=per_sample.device).index_add(0, interval, per_sample)
-    counts = torch.bincount(interval, minlength=k).to(per_sample.dtype)
+    # index_add, not bincount: bincount reads its input's max on the host (a device sync)
+    counts = torch.zeros_like(sums).index_add(0, interval, torch.ones_like(per_sample))
     return sums / counts, counts
 
 

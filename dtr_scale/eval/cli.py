@@ -16,7 +16,6 @@ groups they name replace the run's values. The table (RUN/eval/results.md) and t
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,63 +24,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from dtr_scale.cli import flag_parser, run_hydra, split_flags
+from dtr_scale.command_line import flag_parser, run_hydra, split_flags
 from dtr_scale.config import ConfigError, TrainConfig, to_train_config
-from dtr_scale.eval import watcher
-from dtr_scale.eval.evaluate import EvaluationError, preflight
-from dtr_scale.eval.results import read_results, write_report
-from dtr_scale.eval.saved_config import without_shell_lines
-from dtr_scale.train.checkpoint import checkpoint_dir, checkpoint_name, latest_checkpoint, read_meta
-
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # what dtr-train's Hydra saves in the run dir at start
-log = logging.getLogger("dtr_scale")
-
-
-def resolve_checkpoint(run_dir: str | Path, checkpoint: str) -> Path:
-    """A checkpoint directory, or a step number of the run ("200" -> RUN_DIR/checkpoints/step_00000200)."""
-    if checkpoint.isdigit():
-        return checkpoint_dir(run_dir) / checkpoint_name(int(checkpoint))
-    return Path(checkpoint)
-
-
-def run_eval(cfg: TrainConfig, *, checkpoint: str | None = None, watch: bool = False, mode: str = "inline",
-             poll_s: float = 10.0, max_wait_s: float | None = None, progress: bool = True,
-             retry_failed: bool = False) -> list[dict]:
-    """Evaluate cfg.run_dir with cfg.eval's settings and return the records made here.
-
-    checkpoint: that checkpoint only (a directory, or a step number of the run).
-    watch:      follow the run, evaluating due checkpoints as they appear, until training has
-                finished and they are all evaluated (mode "inline": here; "submit": one
-                submitit job per checkpoint on cfg.cluster, or local processes).
-    neither:    one pass over the due checkpoints there now, the newest included.
-    retry_failed: take items whose earlier attempt failed again.
-    The table (RUN_DIR/eval/results.md) and plot (results.png) are rewritten at the end."""
-    run_dir = Path(cfg.run_dir)
-    if checkpoint is not None:
-        records = watcher.trigger(resolve_checkpoint(run_dir, checkpoint), cfg, mode=mode, progress=progress,
-                                  retry_failed=retry_failed)
-    elif watch:
-        records = watcher.watch(run_dir, cfg, mode=mode, poll_s=poll_s, max_wait_s=max_wait_s, progress=progress,
-                                retry_failed=retry_failed)
-    else:
-        records = watcher.sweep(run_dir, cfg, mode=mode, finished=True, progress=progress, retry_failed=retry_failed)
-    if read_results(run_dir):
-        table, plot = write_report(run_dir)
-        log.info("evaluation results in %s and %s:\n%s", table, plot, table.read_text())
-    return records
-
-
-def saved_run_config(run_dir: Path) -> dict:
-    """The run's config as a plain dict: from its newest complete checkpoint, else from the
-    config Hydra saved when training started; without the shell lines (see saved_config)."""
-    newest = latest_checkpoint(run_dir)
-    if newest is not None:
-        return without_shell_lines(read_meta(newest)["config"], newest / "meta.json")
-    if (run_dir / HYDRA_CONFIG).is_file():
-        return without_shell_lines(OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_CONFIG), resolve=False),
-                                   run_dir / HYDRA_CONFIG)
-    raise FileNotFoundError(f"{run_dir} has no complete checkpoint and no {HYDRA_CONFIG}: pass the run_dir of a "
-                            "run that has started (its training config is read from there)")
+from dtr_scale.eval.evaluate import preflight
+from dtr_scale.eval.saved_config import saved_run_config
+from dtr_scale.eval.settings import EvaluationError
+from dtr_scale.eval.watcher import failures, failures_message, resolve_checkpoint, run_eval
 
 
 def named_values(composed: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -143,12 +91,12 @@ def evaluate_command(raw: DictConfig, args: argparse.Namespace) -> None:
         preflight(cfg)
     except (ConfigError, EvaluationError, FileNotFoundError) as err:
         sys.exit(f"dtr-scale eval: {err}")
-    run_eval(cfg, checkpoint=args.checkpoint, watch=args.watch, mode="submit" if args.submit else "inline",
+    run_eval(cfg, checkpoint=args.checkpoint, watch_run=args.watch, mode="submit" if args.submit else "inline",
              poll_s=args.poll_s, retry_failed=args.retry_failed)
     checkpoint = resolve_checkpoint(cfg.run_dir, args.checkpoint) if args.checkpoint else None
-    failed = watcher.failures(cfg.run_dir, cfg, checkpoint)
+    failed = failures(cfg.run_dir, cfg, checkpoint)
     if failed:
-        sys.exit(watcher.failures_message(failed))
+        sys.exit(failures_message(failed))
 
 
 if __name__ == "__main__":

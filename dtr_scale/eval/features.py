@@ -6,9 +6,9 @@ batches hold); the result is a dict of float32 arrays:
   'spatial' [N, Ds]  spatial features for sFID (Inception only)
   'logits'  [N, K]   class logits for Inception Score / class accuracy
 
-Two networks: the FID Inception (torch-fidelity's TF1-exact port, weights
-`pt_inception-2015-12-05` from a local file) and, for the embedded digits
-default, a small CNN the project trains on the digits itself and caches.
+The FID Inception lives here (torch-fidelity's TF1-exact port, weights
+`pt_inception-2015-12-05` from a local file); the embedded digits' own feature
+network, a small CNN the project trains and caches, is in dtr_scale.eval.digits.
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from dtr_scale.data.digits import DIGITS_NUM_CLASSES, load_digits_images
 from dtr_scale.extras import import_extra
 
 INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 # torch-fidelity's conversion of the TF 2015-12-05 graph; same tensors as pytorch-fid's pt_inception file
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-DIGITS_CLASSIFIER_FILENAME = "digits_classifier.pt"
 SFID_CHANNELS = 7
 
 
@@ -132,92 +129,3 @@ class InceptionFeatures(FeatureNetwork):
 def sfid_features(mixed_6_conv: torch.Tensor) -> torch.Tensor:
     # ADM evaluator: mixed_6/conv[..., :7] of the NHWC tensor, flattened per image
     return mixed_6_conv[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(mixed_6_conv), -1).float()
-
-
-class DigitsClassifier(FeatureNetwork):
-    """Small CNN on the embedded digits: 'pool' = its 64-d penultimate layer (before the
-    ReLU, so no dead dimensions make the covariance singular), 'logits' = 10 classes."""
-
-    def __init__(self, image_size: int = 16, feature_dim: int = 64, num_classes: int = DIGITS_NUM_CLASSES) -> None:
-        super().__init__()
-        if image_size % 4:
-            raise ValueError(f"digits classifier image_size must be a multiple of 4, got {image_size}")
-        self.image_size = image_size
-        self.test_accuracy: float | None = None  # held-out accuracy, set when trained or loaded
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, feature_dim),
-        )
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (3, self.image_size, self.image_size):
-            raise ValueError(f"digits classifier takes uint8 images [B, 3, {self.image_size}, {self.image_size}], "
-                             f"got {images.dtype} {tuple(images.shape)}; sample at the size it was trained on")
-        pool = self.body(images.float() / 127.5 - 1.0)
-        return {"pool": pool, "logits": self.head(pool)}
-
-
-def digits_split(num_images: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, held-out test indices): a fixed random split of the digits."""
-    order = np.random.default_rng(seed).permutation(num_images)
-    num_test = int(round(num_images * test_fraction))
-    return np.sort(order[num_test:]), np.sort(order[:num_test])
-
-
-def train_digits_classifier(image_size: int = 16, seed: int = 0, epochs: int = 15, batch_size: int = 64,
-                            lr: float = 2e-3) -> tuple[DigitsClassifier, float]:
-    """Train on the digits' training split with a fixed seed (CPU, a few seconds);
-    returns the classifier and its held-out test accuracy."""
-    images, labels = load_digits_images(size=image_size)
-    train_idx, test_idx = digits_split(len(images), seed=seed)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(labels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = DigitsClassifier(image_size)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops this small run no faster on more threads, and much slower on a busy CPU
-    try:
-        for _ in range(epochs):
-            order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=generator)]
-            for batch in order.split(batch_size):
-                loss = F.cross_entropy(net(x[batch])["logits"], y[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    net.eval()
-    with torch.no_grad():
-        predictions = net(x[test_idx])["logits"].argmax(dim=1)
-    return net, float((predictions == y[test_idx]).double().mean())
-
-
-def load_digits_classifier(path: str | Path | None = None, image_size: int = 16, seed: int = 0) -> DigitsClassifier:
-    """The digits feature network, trained once and cached at `path` (default
-    cache_dir()/digits_classifier.pt); a cache made with other settings is retrained.
-    Its held-out accuracy is in `.test_accuracy`."""
-    path = Path(path).expanduser() if path is not None else cache_dir() / DIGITS_CLASSIFIER_FILENAME
-    settings = {"image_size": image_size, "seed": seed, "version": 1}
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise RuntimeError(f"cannot read the cached digits classifier {path} ({err}); delete it to retrain") from err
-        if saved.get("settings") == settings:
-            net = DigitsClassifier(image_size)
-            net.load_state_dict(saved["state_dict"])
-            net.test_accuracy = saved["test_accuracy"]
-            return net.eval().requires_grad_(False)
-    net, accuracy = train_digits_classifier(image_size, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save({"settings": settings, "state_dict": net.state_dict(), "test_accuracy": accuracy}, tmp)
-    os.replace(tmp, path)  # atomic: concurrent evaluators never read half a file
-    net.test_accuracy = accuracy
-    return net.eval().requires_grad_(False)

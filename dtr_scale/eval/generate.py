@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.sampling import Noise, sample_latents
 from dtr_scale.io import atomic_write, atomic_write_json, read_json
+from dtr_scale.world import World
 
 SPEC_FILE = "spec.json"
 SAMPLES_NPZ = "samples.npz"
@@ -251,10 +251,7 @@ def generate_samples(model: torch.nn.Module, diffusion: GaussianDiffusion, spec:
 
 
 def distributed_position(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size): the arguments, else RANK / WORLD_SIZE as the rest of the project reads them."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world size {world_size}); check RANK and WORLD_SIZE")
-    return rank, world_size
-
+    """(rank, world size): the arguments, else this process's place (RANK / WORLD_SIZE)."""
+    here = World.from_env() if rank is None or world_size is None else None
+    place = World(rank=here.rank if rank is None else rank, size=here.size if world_size is None else world_size)
+    return place.rank, place.size

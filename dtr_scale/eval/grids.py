@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dtr_scale.eval.results import eval_dir, read_results, record_key
+from dtr_scale.eval.results import read_results, record_key
+from dtr_scale.eval.settings import eval_dir
 from dtr_scale.io import atomic_write
 
 CELL_TARGET = 64  # small samples are enlarged to at least this many pixels a side

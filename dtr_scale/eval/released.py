@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.eval.evaluate import (dataset_decoder, eval_device, eval_settings, evaluate_checkpoint, result_key,
-                                     samples_folder, sample_spec, score_samples)
+from dtr_scale.eval.evaluate import dataset_decoder, eval_device, evaluate_checkpoint, preflight, score_samples
 from dtr_scale.eval.generate import Decoder, distributed_position, generate_samples, load_samples
-from dtr_scale.eval.results import append_result, find_result, log_to_wandb
+from dtr_scale.eval.results import append_result, find_result, log_to_wandb, read_results, write_report
 from dtr_scale.eval.sample import load_model
+from dtr_scale.eval.settings import EvalSettings
 from dtr_scale.models import DiT
 from dtr_scale.models.weights import load_dit_weights
 from dtr_scale.train.checkpoint import latest_checkpoint
@@ -62,7 +62,7 @@ def model_from_weights(weights: str | Path, cfg: TrainConfig) -> tuple[DiT, Trai
 def weights_decoder(cfg: TrainConfig, device: torch.device, autoencoder: str | None = None) -> Decoder:
     """The decoder of `autoencoder` (pixel, sd-vae-ft-ema, ...), else of the one cfg.data's shards
     were encoded with."""
-    from dtr_scale.data_prep.autoencoders import load_autoencoder
+    from dtr_scale.models.autoencoders import load_autoencoder
 
     if autoencoder:
         return load_autoencoder(autoencoder, device=str(device)).decode
@@ -85,8 +85,8 @@ def evaluate_weights(weights: str | Path, cfg: TrainConfig, *, autoencoder: str 
         return evaluate_checkpoint(checkpoint, cfg, averaging=["ema"], rank=rank, world_size=world_size,
                                    progress=progress)
     rank, world_size = distributed_position(rank, world_size)
-    out_dir, averaging = Path(cfg.run_dir), f"file:{path.name}"
-    done = find_result(out_dir, result_key(0, averaging, cfg))
+    out_dir, averaging, settings = Path(cfg.run_dir), f"file:{path.name}", EvalSettings.of(cfg)
+    done = find_result(out_dir, settings.result_key(0, averaging))
     if done is not None:
         log.info("%s already evaluated with these settings (%s); not recomputing", path, out_dir / "eval")
         return [done] if rank == 0 else []
@@ -94,15 +94,15 @@ def evaluate_weights(weights: str | Path, cfg: TrainConfig, *, autoencoder: str 
     model, _ = model_from_weights(path, cfg)
     device = eval_device(cfg)
     diffusion = build_diffusion(cfg).respaced(cfg.diffusion.sampling_steps, cfg.diffusion.sampler)
-    npz = generate_samples(model, diffusion, sample_spec(cfg, cfg, 0, averaging),
-                           samples_folder(out_dir, 0, averaging, cfg), weights_decoder(cfg, device, autoencoder),
+    npz = generate_samples(model, diffusion, settings.sample_spec(cfg.model, 0, averaging),
+                           settings.samples_folder(out_dir, 0, averaging), weights_decoder(cfg, device, autoencoder),
                            rank=rank, world_size=world_size, device=device, progress=progress)
     if npz is None:
         return []
     sampled = time.perf_counter()
     images, labels = load_samples(npz)
     metrics = score_samples(images, labels, cfg)
-    record = {"step": 0, "averaging": averaging, **eval_settings(cfg), **metrics, "weights": str(path),
+    record = {"step": 0, "averaging": averaging, **settings.record_fields(), **metrics, "weights": str(path),
               "samples": str(npz), "sample_s": sampled - start, "metric_s": time.perf_counter() - sampled,
               "wall_s": time.perf_counter() - start, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     record = append_result(out_dir, record)
@@ -115,9 +115,6 @@ def evaluate_weights_command(cfg: TrainConfig, weights: str | Path, autoencoder:
                              progress: bool = True) -> list[dict[str, Any]]:
     """`dtr-scale eval --weights PATH`: check the metric files first, evaluate, rewrite the
     report (cfg.run_dir/eval/results.md and results.png); the records."""
-    from dtr_scale.eval.evaluate import preflight
-    from dtr_scale.eval.results import read_results, write_report
-
     preflight(cfg)
     records = evaluate_weights(weights, cfg, autoencoder=autoencoder, progress=progress)
     run_checkpoint_dir = run_checkpoint(Path(weights).expanduser())

@@ -12,33 +12,27 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dtr_scale.config import TrainConfig
+from dtr_scale.eval.settings import KEY_FIELDS, eval_dir
 from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, atomic_write_text, read_jsonl
 from dtr_scale.plots.figure import Curve, Panel, draw_panels
 from dtr_scale.provenance import collect_provenance
+from dtr_scale.wandb_run import open_wandb_run
 
 RESULTS_NAME = "results.jsonl"
 LOCK_NAME = ".lock"
 PLOT_NAME = "results.png"
-# What identifies a result: a record with the same values is never computed again.
-KEY_FIELDS = ("step", "averaging", "sampler", "sampling_steps", "cfg_scale", "guided_channels", "ddim_eta",
-              "num_samples", "labels", "seed", "reference")
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "digits_fd", "class_accuracy")
 MAIN_METRICS = ("fid", "digits_fd")  # the first one the records have is what the plot shows
 SETTINGS_COLUMNS = ("step", "averaging", "sampler", "sampling_steps", "cfg_scale", "num_samples", "reference")
 
 log = logging.getLogger(__name__)
-
-
-def eval_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "eval"
 
 
 def results_path(run_dir: str | Path) -> Path:
@@ -191,17 +185,9 @@ def log_to_wandb(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, 
     if cfg.logging.wandb == "disabled" or not records:
         return
     wandb = import_extra("wandb")
-
-    directory = eval_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    id_file = directory / "wandb_id.txt"
-    with eval_lock(run_dir):  # two evaluators starting at once must pick the same wandb run
-        if not id_file.exists():
-            atomic_write_text(id_file, uuid.uuid4().hex[:12])
     # create_new: an inline evaluation beside the trainer's own wandb run must not log into it
-    run = wandb.init(project=cfg.logging.project, dir=str(directory), id=id_file.read_text().strip(),
-                     resume="allow", mode=cfg.logging.wandb, name=f"{Path(run_dir).name}-eval", job_type="eval",
-                     reinit="create_new", settings=wandb.Settings(silent=True))
+    run = open_wandb_run(eval_dir(run_dir), cfg.logging, f"{Path(run_dir).name}-eval", job_type="eval",
+                         reinit="create_new", settings=wandb.Settings(silent=True))
     run.define_metric("train_step")
     run.define_metric("eval/*", step_metric="train_step")  # evaluations arrive out of step order
     run.define_metric("samples/*", step_metric="train_step")

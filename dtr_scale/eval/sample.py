@@ -1,50 +1,25 @@
-"""Load a trained model from a checkpoint and draw class-conditional latents."""
+"""A checkpoint's model, and class-conditional latents drawn from it."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import CheckpointException
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.diffusion.sampling import sample_latents
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import CheckpointError, dcp_load, read_meta, require_complete
-from dtr_scale.train.components import build_diffusion, build_model, config_from_dict
-
-EMA_EXPORT = "ema.safetensors"  # written beside a checkpoint by backends that cannot be read with DCP
+from dtr_scale.train.checkpoint import open_checkpoint, read_weights
+from dtr_scale.train.components import build_diffusion, build_model
 
 
 def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainConfig]:
     """The (EMA by default) model of a checkpoint directory, in eval mode, and the run's config.
-
-    Reads only the requested weights: the optimizer and the other copy stay on disk. The
-    checkpoint's files are checked against the run's manifest first.
-    """
-    path = Path(path)
-    require_complete(path)
-    cfg = config_from_dict(read_meta(path)["config"])
-    model = build_model(cfg, load_init=False)
-    if use_ema and (path / EMA_EXPORT).exists():
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path / EMA_EXPORT)))
-        return model.eval(), cfg
-    weights = model.state_dict()
-    request = {"ema": weights} if use_ema else {"module": {f"model.{k}": v for k, v in weights.items()}}
-    try:
-        with warnings.catch_warnings():  # DCP's note that it reads without a process group: intended here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(request, path)
-    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-        raise CheckpointError(f"could not read the {'EMA' if use_ema else 'model'} weights of {path} "
-                              f"({type(err).__name__}: {err})") from err
-    if not use_ema:
-        weights = {k[len("model."):]: v for k, v in request["module"].items()}
-    model.load_state_dict(weights)
-    return model.eval(), cfg
+    The checkpoint's files are checked against the run's manifest first."""
+    checkpoint = open_checkpoint(path)
+    model = build_model(checkpoint.config, load_init=False)
+    model.load_state_dict(read_weights(checkpoint.path, "ema" if use_ema else "raw"))
+    return model.eval(), checkpoint.config
 
 
 def export_ema(checkpoint: str | Path, out: str | Path) -> Path:

@@ -14,8 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dtr_scale.config import ConfigError
+from omegaconf import OmegaConf
 
+from dtr_scale.config import ConfigError
+from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
+
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # what `dtr-scale train`'s Hydra saves in the run dir at start
 SHELL_FIELDS = ("setup", "sbatch_extra")  # cluster fields a job script runs or writes verbatim
 
 log = logging.getLogger(__name__)
@@ -37,3 +41,16 @@ def without_shell_lines(config: dict[str, Any], source: str | Path) -> dict[str,
             raise ConfigError(f"cluster.{name} in {source} holds a line break, which would run as a command in the "
                               f"job script; fix that file or give cluster.{name}=... on the command line")
     return {**config, "cluster": kept}
+
+
+def saved_run_config(run_dir: Path) -> dict:
+    """The run's config as a plain dict: from its newest complete checkpoint, else from the
+    config Hydra saved when training started; without the shell lines."""
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        return without_shell_lines(read_meta(newest)["config"], newest / "meta.json")
+    if (run_dir / HYDRA_CONFIG).is_file():
+        return without_shell_lines(OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_CONFIG), resolve=False),
+                                   run_dir / HYDRA_CONFIG)
+    raise FileNotFoundError(f"{run_dir} has no complete checkpoint and no {HYDRA_CONFIG}: pass the run_dir of a "
+                            "run that has started (its training config is read from there)")

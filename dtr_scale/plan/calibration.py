@@ -1,6 +1,6 @@
-"""The hardware figures the planner works from (`calibration.yaml`, shipped with
-this package): GPU memory and peak throughput, measured or estimated training
-images/s per (GPU, model, precision, compile), and the assumptions used where
+"""The hardware figures the planner works from: the GPU types (dtr_scale.hardware: memory,
+peak throughput) and `calibration.yaml`, shipped with this package: measured or estimated
+training images/s per (GPU, model, precision, compile), and the assumptions used where
 nothing was measured. Every figure carries its source.
 """
 
@@ -17,21 +17,15 @@ import torch
 import yaml
 
 from dtr_scale.config import BackendConfig, ConfigError, ModelConfig, TrainConfig
-from dtr_scale.train.components import build_model, build_objective, build_optimizer
-from dtr_scale.train.speed import apply_speed_switches, autocast
+from dtr_scale.hardware import GPUS, GPUType
+from dtr_scale.models.cost import FORWARDS_PER_TRAINING_STEP
+from dtr_scale.train.backends.torch_dist import TorchBackend
+from dtr_scale.train.components import DiffusionTrainModule, build_model, build_objective
+from dtr_scale.train.ema import make_ema
+from dtr_scale.world import World
 
 CALIBRATION_FILE = files("dtr_scale.plan") / "calibration.yaml"
-FORWARDS_PER_TRAINING_STEP = 3  # backward costs about two forwards (Kaplan et al. 2020, C = 6N per token)
 FORWARDS_WITH_RECOMPUTE = 4  # activation checkpointing runs every block's forward once more
-
-
-@dataclass(frozen=True)
-class GPUType:
-    name: str
-    memory_gib: float | None  # None: not checked (CPU)
-    peak_tflops: dict[str, float]  # dense, per precision key (bf16 | tf32 | fp32)
-    nvlink_busbw_gbs: float | None  # all-reduce bus bandwidth between GPUs of one node
-    source: str
 
 
 @dataclass(frozen=True)
@@ -52,9 +46,7 @@ class Calibration:
 
 def load_calibration(path: str | Path | None = None) -> Calibration:
     raw = yaml.safe_load((Path(path) if path else CALIBRATION_FILE).read_text())
-    gpus = {name: GPUType(name, g["memory_gib"], g["peak_tflops"] or {}, g["nvlink_busbw_gbs"], g["source"])
-            for name, g in raw["gpus"].items()}
-    return Calibration(gpus=gpus, aliases=raw["aliases"], assumed_mfu=raw["assumed_mfu"]["values"],
+    return Calibration(gpus=GPUS, aliases=raw["aliases"], assumed_mfu=raw["assumed_mfu"]["values"],
                        inter_node_busbw_gbs=raw["inter_node"]["busbw_gbs"], reserve_gib=raw["reserve_gib"],
                        entries=raw["throughput"])
 
@@ -82,17 +74,29 @@ def estimated_images_per_s(forward_macs: int, peak_tflops: float, mfu: float) ->
     return mfu * peak_tflops * 1e12 / (FORWARDS_PER_TRAINING_STEP * 2 * forward_macs)
 
 
-def find_entry(cal: Calibration, gpu: str, model: str, precision: str, compiled: bool) -> dict[str, Any] | None:
+def is_measured(entry: dict[str, Any]) -> bool:
+    return entry["source"].startswith("measured on")
+
+
+def find_entry(cal: Calibration, gpu: str, model: str, precision: str,
+               compiled: bool) -> tuple[int, dict[str, Any]] | None:
+    """(index, entry) of the throughput entry for this key: the last measured one, else the last estimate."""
     key = (gpu, model, precision, compiled)
-    return next((e for e in cal.entries if (e["gpu"], e["model"], e["precision"], bool(e["compile"])) == key), None)
+    matches = [(i, e) for i, e in enumerate(cal.entries)
+               if (e["gpu"], e["model"], e["precision"], bool(e["compile"])) == key]
+    measured = [m for m in matches if is_measured(m[1])]
+    return (measured or matches or [None])[-1]
 
 
 def training_throughput(cal: Calibration, gpu: str, model: str, precision: str, compiled: bool,
                         forward_macs: int) -> Throughput:
-    """Training images/s per GPU: the table's entry, else an estimate from FLOPs and the assumed MFU."""
-    entry = find_entry(cal, gpu, model, precision, compiled)
-    if entry is not None:
-        return Throughput(float(entry["images_per_s"]), f"calibration.yaml: {entry['source']}")
+    """Training images/s per GPU: the table's entry (measured ones first), else an estimate from FLOPs
+    and the assumed MFU. The source names the entry used."""
+    found = find_entry(cal, gpu, model, precision, compiled)
+    if found is not None:
+        index, entry = found
+        return Throughput(float(entry["images_per_s"]),
+                          f"calibration.yaml: {entry['source']} (throughput entry {index + 1} of {len(cal.entries)})")
     peak = cal.gpus[gpu].peak_tflops.get(precision)
     if peak is None:
         return Throughput(None, f"unknown: calibration.yaml has no entry for ({gpu}, {model}, {precision}, "
@@ -137,22 +141,21 @@ def choose_gpu(cfg: TrainConfig, cal: Calibration, requested: str | None = None)
 
 def measure_images_per_s(cfg: TrainConfig, steps: int = 10, warmup: int = 3) -> float:
     """Training images/s of one process on cfg.device at the config's per-GPU batch: forward,
-    backward and AdamW step of the configured model and loss, with the backend's speed switches."""
+    backward and AdamW step of the configured model and loss, through the trainer's backend
+    (one process: the unwrapped module) with its speed switches."""
     device = torch.device(cfg.device)
-    model, objective = build_model(cfg).to(device), build_objective(cfg).to(device)
-    apply_speed_switches(model, cfg.backend)
-    optimizer = build_optimizer(model, objective, cfg)
+    backend = TorchBackend(cfg, World(device=device))
+    model, objective = build_model(cfg), build_objective(cfg)
+    backend.setup(DiffusionTrainModule(model, objective), make_ema(model))
     batch, m = cfg.micro_batch_size, cfg.model
     x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device)
     y = torch.randint(0, m.num_classes, (batch,), device=device)
 
     def step() -> None:
-        t = objective.sample_timesteps(batch).to(device)
-        with autocast(cfg.backend, device.type):
-            loss = objective(model, x0, y, t, torch.randn_like(x0)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        drop = (torch.rand(batch) < m.class_dropout_prob).long()
+        out = backend.forward(x0, y, objective.sample_timesteps(batch), torch.randn_like(x0), drop)
+        backend.backward(out["loss"])
+        backend.step()
 
     for _ in range(warmup):
         step()

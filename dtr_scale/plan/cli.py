@@ -15,7 +15,7 @@ import sys
 
 from omegaconf import DictConfig
 
-from dtr_scale.cli import config_or_exit, flag_parser, run_hydra, split_flags
+from dtr_scale.command_line import config_or_exit, flag_parser, run_hydra, split_flags
 
 
 def main(argv: list[str] | None = None) -> None:

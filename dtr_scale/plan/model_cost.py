@@ -1,12 +1,5 @@
-"""What one DiT costs per image: its shape, exact parameter count and analytic
-forward multiply-accumulates (MACs; FLOPs = 2 x MACs).
-
-The MAC count is written out layer by layer from SPEC section 1 (the DiT
-architecture), the way the DiT paper counts its "Gflops" (Table 1: 118.6 for
-DiT-XL/2 at 256 px, which are MACs): every Linear/Conv as in x out per token,
-attention as two T x T x C products, embedding lookups, norms and elementwise
-ops as zero.
-"""
+"""What one DiT costs: its exact parameter count, and (from models.cost, which the training
+loop's MFU uses too) its shape and analytic forward multiply-accumulates per image."""
 
 from __future__ import annotations
 
@@ -14,27 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dtr_scale.config import ModelConfig, TrainConfig
-from dtr_scale.models.dit import DIT_PRESETS
+from dtr_scale.config import TrainConfig
+from dtr_scale.models.cost import DiTShape, dit_shape, forward_macs, forward_macs_breakdown  # the planner's too
 from dtr_scale.train.components import build_model
 
-FREQUENCY_EMBEDDING_SIZE = 256  # the timestep embedder's sinusoid width (DiT's TimestepEmbedder)
-
-
-@dataclass(frozen=True)
-class DiTShape:
-    depth: int
-    hidden: int
-    heads: int
-    patch: int
-    input_size: int
-    in_channels: int
-    out_channels: int
-    mlp_hidden: int
-
-    @property
-    def tokens(self) -> int:
-        return (self.input_size // self.patch) ** 2
+__all__ = ["DiTShape", "ParameterCount", "count_parameters", "dit_shape", "forward_macs", "forward_macs_breakdown"]
 
 
 @dataclass(frozen=True)
@@ -42,45 +19,6 @@ class ParameterCount:
     total: int  # trainable parameters
     per_block: int  # one DiT block: the unit FSDP and activation checkpointing work in
     state_bytes: int  # one fp32 copy of the state dict (parameters and persistent buffers)
-
-
-def dit_shape(model: ModelConfig) -> DiTShape:
-    """The architecture a model config builds: its preset with the config's overrides."""
-    arch = {"mlp_ratio": 4.0, **DIT_PRESETS[model.name], **model.overrides()}
-    return DiTShape(depth=arch["depth"], hidden=arch["hidden_size"], heads=arch["num_heads"],
-                    patch=arch["patch_size"], input_size=model.input_size, in_channels=model.in_channels,
-                    out_channels=model.in_channels * (2 if model.learn_sigma else 1),
-                    mlp_hidden=int(arch["hidden_size"] * arch["mlp_ratio"]))
-
-
-def block_macs(s: DiTShape) -> dict[str, int]:
-    # One adaLN-Zero block (SPEC 1): modulation Linear(C, 6C) on c, then attention and MLP over T tokens.
-    t, c = s.tokens, s.hidden
-    return {
-        "adaLN modulation": c * 6 * c,
-        "qkv": t * c * 3 * c,
-        "attention scores (QK^T)": t * t * c,
-        "attention weighted sum (AV)": t * t * c,
-        "attention proj": t * c * c,
-        "mlp": 2 * t * c * s.mlp_hidden,
-    }
-
-
-def forward_macs_breakdown(s: DiTShape) -> dict[str, int]:
-    """MACs of one image's forward pass, by part (embedding lookups are free)."""
-    t, c, p = s.tokens, s.hidden, s.patch
-    per_block = sum(block_macs(s).values())
-    return {
-        "patch embed": t * s.in_channels * p * p * c,
-        "timestep embedder": FREQUENCY_EMBEDDING_SIZE * c + c * c,
-        "label embedder": 0,
-        f"{s.depth} blocks": s.depth * per_block,
-        "final layer": c * 2 * c + t * c * p * p * s.out_channels,
-    }
-
-
-def forward_macs(s: DiTShape) -> int:
-    return sum(forward_macs_breakdown(s).values())
 
 
 def count_parameters(cfg: TrainConfig) -> ParameterCount:

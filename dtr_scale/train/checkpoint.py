@@ -26,8 +26,11 @@ import logging
 import pickle
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +38,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.stateful import Stateful
 
-from dtr_scale.config import CheckpointConfig
+from dtr_scale.config import CheckpointConfig, TrainConfig, to_train_config
 from dtr_scale.io import atomic_write_json, fsync_dir
+from dtr_scale.train.backends import Backend
 from dtr_scale.train.manifest import (  # noqa: F401  (re-exported: the checkpoint API in one place)
     MANIFEST, META, CheckpointError, checked_checkpoints, checkpoint_dir, checkpoint_name, complete_checkpoints,
     digest_files, file_digest, latest_checkpoint, read_manifest, read_meta, require_complete, retained, roll_forward,
     verify_checkpoint,
 )
+from dtr_scale.world import World
 
 DCP_METADATA = ".metadata"
 log = logging.getLogger(__name__)
@@ -150,15 +156,24 @@ def _finish_write(save: Future, partial: Path, hash_here: bool) -> dict[str, str
 
 
 class CheckpointManager:
-    """Saves through a backend (asynchronously where it can) and commits complete checkpoints."""
+    """Saves through a backend (asynchronously where it can) and commits complete checkpoints.
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend, world,
+    What a checkpoint holds besides the backend's model, EMA and optimizer is registered
+    with it as named stateful objects (`state_dict()` / `load_state_dict()`): plain values
+    (data position, counters) go into meta.json under their name; tensors (the post-hoc
+    EMA) are written by the backend beside the model, resharded like it on load.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend: Backend, world: World,
                  on_commit: Callable[[Path, int], None] | None = None):
         self.root = checkpoint_dir(run_dir)
         self.on_commit = on_commit  # rank 0, after a checkpoint is complete: (its directory, its step)
         self.cfg = cfg
         self.backend = backend
         self.world = world
+        self.meta_states: dict[str, Stateful] = {}  # in meta.json, under their names
+        self.tensor_states: dict[str, Stateful] = {}  # in the backend's files, under their names
+        self.run_facts: dict[str, Any] = {}  # the same in every checkpoint of this process (world size, config)
         self.pending: tuple[Future, int, Path] | None = None
         self.on_disk_step: int | None = None  # the step this manager last saved or loaded
         self.blocked_seconds = 0.0  # time the training loop spent inside save(), for the step breakdown
@@ -166,13 +181,34 @@ class CheckpointManager:
         if world.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
-    def save(self, step: int, meta: dict[str, Any], *, asynchronous: bool | None = None) -> None:
+    def register(self, name: str, obj: Stateful, *, tensors: bool = False) -> None:
+        """Save `obj.state_dict()` under `name` in every checkpoint and load it back on resume:
+        in meta.json (JSON values), or with `tensors` through the backend's files."""
+        taken = {"step", *self.meta_states, *self.tensor_states, *self.run_facts}
+        if name in taken:
+            raise ValueError(f"checkpoint state name {name!r} is taken ({', '.join(sorted(taken))} are); "
+                             f"register each state once, under a name of its own")
+        (self.tensor_states if tensors else self.meta_states)[name] = obj
+
+    def describe_run(self, **facts: Any) -> None:
+        """Facts about the run written into each meta.json as they are (world size, backend, config)."""
+        self.run_facts.update(facts)
+
+    def due(self, step: int, *, last_step: int) -> bool:
+        """Whether training saves after `step`: every `checkpoint.every` steps, and at the last step."""
+        return step % self.cfg.every == 0 or step == last_step
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """meta.json of a checkpoint at `step`: the step, each registered plain state, the run's facts."""
+        return {"step": step, **{name: obj.state_dict() for name, obj in self.meta_states.items()}, **self.run_facts}
+
+    def save(self, step: int, *, asynchronous: bool | None = None) -> None:
         start = time.perf_counter()
         self.wait()
         # A stop right after a scheduled save, or right after resuming, asks for the same state
         # again; rewriting it would delete the complete copy before the new one is renamed in.
         if step != self.on_disk_step:
-            self._write(step, meta, asynchronous)
+            self._write(step, self.meta(step), asynchronous)
             self.on_disk_step = step
         self.blocked_seconds += time.perf_counter() - start
 
@@ -184,7 +220,7 @@ class CheckpointManager:
             atomic_write_json(partial / META, meta)
         self._barrier()
         use_async = self.cfg.async_save if asynchronous is None else asynchronous
-        future = self.backend.save(partial, asynchronous=use_async)
+        future = self.backend.save(partial, extra=self.tensor_states, asynchronous=use_async)
         if future is None:
             self._barrier()
             self._commit(step, partial, digest_files(partial) if self.world.rank == 0 else {})
@@ -272,12 +308,12 @@ class CheckpointManager:
         return None
 
     def load(self, path: Path, *, verified: bool = False) -> dict[str, Any]:
-        """Load checkpoint `path` into the backend after checking its files against the manifest
-        (unless `verified` already); its meta."""
+        """Load checkpoint `path` into the backend and the registered states after checking its
+        files against the manifest (unless `verified` already); its meta."""
         if not verified:
             require_complete(path)
         try:
-            self.backend.load(path)
+            self.backend.load(path, extra=self.tensor_states)
         except CheckpointError:
             raise
         # DCP's CheckpointException derives from BaseException, so `except Exception` alone let
@@ -286,9 +322,90 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); "
                                   f"move it aside to resume from the one before") from err
         meta = read_meta(path)
+        for name, obj in self.meta_states.items():
+            if name not in meta:
+                raise CheckpointError(f"{path / META} has no {name!r} (it has {sorted(meta)}); it was not written "
+                                      f"by this trainer: move {path} aside to resume from the one before")
+            obj.load_state_dict(meta[name])
         self.on_disk_step = meta["step"]
         return meta
 
     def _barrier(self) -> None:
         if self.world.size > 1:
             dist.barrier()
+
+
+# --- reading a checkpoint's weights: the one place that knows which keys hold them ---------
+
+EMA_EXPORT = "ema.safetensors"  # the EMA beside a checkpoint whose files DCP cannot read (DeepSpeed's)
+WEIGHTS = ("ema", "raw")  # the trainer's per-step EMA; the optimizer's weights
+_DCP_PREFIX = {"ema": "ema.", "raw": "module.model."}  # the backends' DCP keys: {"ema"}, {"module": {"model.*"}}
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """RUN_DIR of RUN_DIR/checkpoints/step_N."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint and its meta.json, read once."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_of(self.path)
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        """The config the run was trained with."""
+        return to_train_config(self.meta["config"])
+
+
+def open_checkpoint(path: str | Path, *, verify: bool = True) -> CheckpointInfo:
+    """Checkpoint `path` with its meta, after checking its files against the run's manifest
+    (`verify`; a caller that reads no weights may skip the hashing)."""
+    path = Path(path)
+    if verify:
+        require_complete(path)
+    return CheckpointInfo(path, read_meta(path))
+
+
+def read_weights(path: str | Path, which: str) -> dict[str, torch.Tensor]:
+    """The whole model weights `which` ("ema" or "raw") of checkpoint `path`, on the CPU, under
+    the official DiT names. Reads only those tensors: the optimizer and the other copy stay on
+    disk. The caller checks the checkpoint first (open_checkpoint, require_complete)."""
+    path = Path(path)
+    if which not in WEIGHTS:
+        raise ValueError(f"weights {which!r} are not one of {', '.join(WEIGHTS)}")
+    if which == "ema" and (path / EMA_EXPORT).exists():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / EMA_EXPORT))
+    what = "EMA" if which == "ema" else "model"
+    try:
+        prefix = _DCP_PREFIX[which]
+        weights = {fqn[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+                   for fqn, entry in read_dcp_metadata(path).state_dict_metadata.items()
+                   if fqn.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
+        if not weights:
+            raise CheckpointError(f"it holds no {prefix}* tensors")
+        request = {"ema": weights} if which == "ema" else {"module": {f"model.{k}": v for k, v in weights.items()}}
+        with warnings.catch_warnings():  # DCP's note that it reads without a process group: intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(request, path)
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
+        raise CheckpointError(f"could not read the {what} weights of {path} ({type(err).__name__}: {err})") from err
+    if which == "raw":
+        weights = {k[len("model."):]: v for k, v in request["module"].items()}
+    return weights

@@ -1,5 +1,6 @@
 """Builders that turn the config into the pieces of a run: model, objective,
-optimizer, data. Each is a plain function of the config."""
+optimizer, data. Each is a plain function of the config. And the module the
+backends wrap: the model and its training objective as one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.models import DiT, create_model
 from dtr_scale.models.weights import load_dit_weights
 from dtr_scale.train.checkpoint import complete_checkpoints
+
+
+class DiffusionTrainModule(nn.Module):
+    """Model + objective as one module, so data-parallel wrappers also reduce the
+    gradients of the objective's own parameters (ANT-UW)."""
+
+    def __init__(self, model: nn.Module, objective: TrainingObjective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x0, y, t, noise, drop) -> dict[str, torch.Tensor]:
+        out = self.objective(self.model, x0, y, t, noise, force_drop_ids=drop)
+        return {"loss": out.loss, "mse": out.mse.mean(), "vb": out.vb.mean(),
+                "interval_losses": out.interval_losses, "interval_counts": out.interval_counts}
 
 
 def build_model(cfg: TrainConfig, *, load_init: bool = True) -> DiT:
@@ -47,8 +63,8 @@ def build_optimizer(model: nn.Module, objective: TrainingObjective, cfg: TrainCo
     if objective.uw is not None:
         groups.append({"params": list(objective.uw.parameters()), "lr": cfg.weighting.uw_lr,
                        "weight_decay": cfg.weighting.uw_weight_decay, "name": "uw"})
-    fused = cfg.backend.fused_adamw and cfg.device == "cuda"
-    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+    # fused AdamW runs on CPUs too (torch >= 2.4), so the same switch is testable there
+    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, fused=cfg.backend.fused_adamw or None)
 
 
 def build_loader(cfg: TrainConfig, rank: int, world_size: int):
@@ -61,7 +77,8 @@ def build_loader(cfg: TrainConfig, rank: int, world_size: int):
     from dtr_scale.data.loader import build_shard_loader
 
     return build_shard_loader(cfg.data.path, format=cfg.data.format, global_batch_size=cfg.global_batch_size,
-                              rank=rank, world_size=world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+                              rank=rank, world_size=world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                              hflip=cfg.data.hflip)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -5,37 +5,51 @@ global batch from a generator seeded by (seed, step), and each rank takes its
 rows. So the numbers of step k do not depend on the world size, on gradient
 accumulation, or on whether the run was restarted before k; the data position
 is the only other state a resume needs besides what the backend saves (model,
-EMA, optimizer, ANT-UW log-variances) and the post-hoc EMA.
+EMA, optimizer, ANT-UW log-variances) and the post-hoc EMA. The generator lives
+on the training device, so a run's numbers hold for one device type: a CPU run
+and a GPU run of the same config draw different numbers.
+
+Between log steps the host never waits for the device: the reported values stay
+on the device, a non-finite loss or gradient norm skips the update there (the
+optimizer step is masked, so the weights and optimizer state stay as they were),
+and the host reads them at the next log step, checkpoint or post-hoc EMA
+snapshot, where the NaN policy acts (with "stop", no later step updates the
+weights either, so the run stops with the weights of the last finite step). A
+stop request is agreed on by all ranks every STOP_POLL_EVERY steps (every step
+with one process), so all ranks stop at the same step.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm.auto import tqdm
 
 from dtr_scale.config import TrainConfig
+from dtr_scale.data.loader import DevicePrefetcher
 from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.objective import TrainingObjective
-from dtr_scale.eval.watcher import submit_at_save
+from dtr_scale.hardware import device_peak_tflops
+from dtr_scale.models.cost import dit_shape, forward_macs, model_flops_utilization
 from dtr_scale.plots.routing import ROUTING_PNG, write_routing_png
 from dtr_scale.provenance import write_provenance
 from dtr_scale.train.backends import make_backend
 from dtr_scale.train.checkpoint import CheckpointManager
-from dtr_scale.train.components import build_loader, build_model, build_objective, config_to_dict
+from dtr_scale.train.components import (
+    DiffusionTrainModule, build_loader, build_model, build_objective, config_to_dict,
+)
 from dtr_scale.train.ema import make_ema
 from dtr_scale.train.lock import lock_run_dir
 from dtr_scale.train.metrics import MetricsLogger, StepTimer
 from dtr_scale.train.mtl import make_interval_gradient_step, max_grad_norm
-from dtr_scale.train.phema_snapshots import PosthocEMATracker
+from dtr_scale.train.phema import PosthocEMATracker
+from dtr_scale.world import World, full_tensor
 
 log = logging.getLogger(__name__)
 
@@ -54,47 +68,22 @@ class TrainResult:
 
 
 @dataclass
-class World:
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "World":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
-
-
-class DiffusionTrainModule(nn.Module):
-    """Model + objective as one module, so data-parallel wrappers also reduce the
-    gradients of the objective's own parameters (ANT-UW)."""
-
-    def __init__(self, model: nn.Module, objective: TrainingObjective):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, x0, y, t, noise, drop) -> dict[str, torch.Tensor]:
-        out = self.objective(self.model, x0, y, t, noise, force_drop_ids=drop)
-        return {"loss": out.loss, "mse": out.mse.mean(), "vb": out.vb.mean(),
-                "interval_losses": out.interval_losses, "interval_counts": out.interval_counts}
-
-
-@dataclass
 class StepDraws:
     t: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
 
 
-def draw_step(cfg: TrainConfig, objective: TrainingObjective, step: int, rank: int, world_size: int) -> StepDraws:
-    """This rank's rows of the global batch's timesteps, noise and label-dropout mask for `step`."""
-    g = torch.Generator().manual_seed(step_seed(cfg.seed, step, 1))
+def draw_step(cfg: TrainConfig, objective: TrainingObjective, step: int, rank: int, world_size: int,
+              device: torch.device | str = "cpu") -> StepDraws:
+    """This rank's rows of the global batch's timesteps, noise and label-dropout mask for `step`,
+    drawn on `device` (the same numbers on every device of one type, not across types)."""
+    g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 1))
     batch = cfg.global_batch_size
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     t = objective.sample_timesteps(batch, g)
-    noise = torch.randn(batch, *shape, generator=g)
-    drop = (torch.rand(batch, generator=g) < cfg.model.class_dropout_prob).long()
+    noise = torch.randn(batch, *shape, generator=g, device=g.device)
+    drop = (torch.rand(batch, generator=g, device=g.device) < cfg.model.class_dropout_prob).long()
     rows = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
     return StepDraws(t[rows], noise[rows], drop[rows])
 
@@ -108,18 +97,93 @@ class Counters:
     loss_spikes: int = 0
     loss_mean: float | None = field(default=None)  # running mean of the unweighted loss, for spikes
 
+    def state_dict(self) -> dict:
+        return dict(vars(self))
 
-def _mean_over_ranks(x: torch.Tensor, world: World) -> torch.Tensor:
-    x = x.detach().float().cpu().clone()
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(vars(Counters(**state)))  # an unknown key is a TypeError naming it
+
+
+STOP_POLL_EVERY = 4  # steps between the ranks' agreement on a stop request (one host-side all-reduce)
+
+
+@dataclass
+class PendingStep:
+    """A trained step's reported values, still on the device until the next host check."""
+
+    step: int  # the step's index: `step + 1` steps are done after it
+    values: torch.Tensor  # [loss, unweighted loss, mse, vb, *interval losses, grad norm], means over ranks
+
+
+def step_values(outs: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor, world: World) -> torch.Tensor:
+    """The step's reported scalars as one device tensor, averaged over ranks by one all-reduce
+    issued on the device (the host does not wait for it); the global gradient norm last."""
+    x = torch.cat([
+        torch.stack([o["loss"] for o in outs]).mean()[None],
+        torch.stack([o["mse"] + o["vb"] for o in outs]).mean()[None],
+        torch.stack([o["mse"] for o in outs]).mean()[None],
+        torch.stack([o["vb"] for o in outs]).mean()[None],
+        torch.stack([o["interval_losses"] for o in outs]).nanmean(0),
+    ]).detach().float()
     if world.size > 1:
         dist.all_reduce(x)
         x /= world.size
-    return x
+    return torch.cat([x, grad_norm.detach().float().reshape(1).to(x.device)])
 
 
-def _any_rank(flag: bool, world: World) -> bool:
+def update_allowed(values: torch.Tensor, skipped: torch.Tensor, allowed: int) -> torch.Tensor:
+    """Whether this step may update the weights, on the device: its loss and gradient norm are
+    finite and the count of non-finite steps (`skipped`, updated in place) is within `allowed`
+    (0 under nan_policy=stop: after one non-finite step no step updates until the run stops)."""
+    finite = torch.isfinite(values[0]) & torch.isfinite(values[-1])
+    skipped.add_((~finite).long())
+    return finite & (skipped <= allowed)
+
+
+def read_pending(pending: list[PendingStep], counters: Counters, cfg: TrainConfig, world: World) -> list[float]:
+    """The host check: read the pending steps' values (one device sync), count non-finite steps
+    and loss spikes, and apply the NaN policy. Returns the last step's values."""
+    rows = torch.stack([p.values for p in pending]).tolist()
+    steps = [p.step for p in pending]
+    pending.clear()
+    for step, row in zip(steps, rows):
+        loss, unweighted, grad_norm = row[0], row[1], row[-1]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            counters.skipped_steps += 1
+            message = (f"step {step}, rank {world.rank}: loss {loss}, grad norm {grad_norm}; "
+                       f"interval losses {row[4:-1]}")
+            if cfg.health.nan_policy == "stop" or counters.skipped_steps > cfg.health.max_skipped_steps:
+                raise NonFiniteLossError(message)
+            log.warning("skipped non-finite step (%d skipped so far): %s", counters.skipped_steps, message)
+        _watch_spike(counters, unweighted, step + 1, cfg)
+    return rows[-1]
+
+
+def throughput_meter(cfg: TrainConfig, world: World) -> Callable[[dict], dict]:
+    """Adds images/s per device and the model FLOPs utilisation to a StepTimer summary; MFU is
+    None off a GPU of dtr_scale.hardware's table (on a CPU, or an unknown GPU)."""
+    macs = forward_macs(dit_shape(cfg.model))
+    peak = device_peak_tflops(world.device)
+    if peak is None and world.device.type == "cuda":
+        log.warning("no dense bf16 peak for %s in dtr_scale/hardware.py: MFU is not logged; add the GPU there",
+                    torch.cuda.get_device_name(world.device))
+
+    def add(summary: dict) -> dict:
+        per_device = summary["images_per_s"] / world.size
+        mfu = None if peak is None else model_flops_utilization(per_device, macs, peak)
+        return {**summary, "images_per_s_per_device": per_device, "mfu": mfu}
+
+    return add
+
+
+def stop_agreed(flag: bool, step: int, world: World) -> bool:
+    """Whether all ranks stop before `step`: any rank's flag, agreed on every STOP_POLL_EVERY
+    steps by an all-reduce of a CPU tensor (gloo: the host waits for the other hosts, never
+    for a GPU); with one process, at every step."""
     if world.size == 1:
-        return bool(flag)
+        return flag
+    if step % STOP_POLL_EVERY:
+        return False
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -133,14 +197,18 @@ def _apply_config_lrs(param_groups: list[dict], cfg: TrainConfig) -> None:
         group["lr"], group["weight_decay"] = values[group["name"]]
 
 
-def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None,
+          on_checkpoint: Callable[[Path, int], None] | None = None) -> TrainResult:
     """Train to cfg.steps, resuming from the latest complete checkpoint in cfg.run_dir.
 
     `stop_requested` is polled at every step boundary (e.g. set by a preemption
-    signal); when it is true on any rank, all ranks write a checkpoint at that
-    step and return with status "stopped".
+    signal); once it is true on any rank, all ranks write a checkpoint at the next
+    multiple of STOP_POLL_EVERY steps (at once with one process) and return with
+    status "stopped". `on_checkpoint(directory, step)` is
+    called on rank 0 once a checkpoint is complete (the evaluator's hook, given by
+    whoever runs training).
     """
-    world = World.from_env()
+    world = World.from_env(cfg.device)
     if world.size != cfg.world_size:
         raise ValueError(f"world_size: the config says {cfg.world_size} processes but WORLD_SIZE={world.size}; "
                          f"set world_size={world.size}")
@@ -164,27 +232,26 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     backend.setup(module, ema)
     interval_step = make_interval_gradient_step(cfg, objective, backend, world)  # ANT-Nash, PCGrad; else None
     phema = PosthocEMATracker(run_dir, model, cfg, world) if cfg.phema_stds else None
-    if phema is not None:
-        backend.extra_state["phema"] = phema.ema
-    loader = build_loader(cfg, world.rank, world.size)
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, backend, world, on_commit=submit_at_save(cfg))
+    loader = DevicePrefetcher(build_loader(cfg, world.rank, world.size), world.device)  # the next batch copied ahead
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, backend, world, on_commit=on_checkpoint)
 
     counters = Counters()
+    checkpoints.register("data", loader)
+    checkpoints.register("counters", counters)
+    if phema is not None:
+        checkpoints.register("phema", phema.ema, tensors=True)
+    checkpoints.describe_run(world_size=world.size, backend=cfg.backend.name, config=config_to_dict(cfg))
     meta = checkpoints.load_latest()
     start = 0
     if meta is not None:
         start = meta["step"]
-        loader.load_state_dict(meta["data"])
-        counters = Counters(**meta["counters"])
         _apply_config_lrs(backend.param_groups, cfg)
         log.info("resumed at step %d from %s", start, run_dir / "checkpoints")
 
     def save(step: int, asynchronous: bool | None = None) -> None:
-        meta = {"step": step, "data": loader.state_dict(), "counters": vars(counters),
-                "world_size": world.size, "backend": cfg.backend.name, "config": config_to_dict(cfg)}
         if phema is not None:  # before the checkpoint commits: a resume from it finds the snapshot
             phema.maybe_snapshot(step, at_checkpoint=True)
-        checkpoints.save(step, meta, asynchronous=asynchronous)
+        checkpoints.save(step, asynchronous=asynchronous)
 
     metrics = MetricsLogger(run_dir, cfg, enabled=world.rank == 0, resume_step=start)
     timer = StepTimer(cfg.device)
@@ -200,71 +267,67 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
     step, loss_value = start, None
     accum = cfg.backend.grad_accum
     max_norm = max_grad_norm(cfg)
+    pending: list[PendingStep] = []  # steps whose values the host has not read yet
+    skipped = torch.tensor(counters.skipped_steps, device=world.device)  # non-finite steps, counted on the device
+    allowed_skips = 0 if cfg.health.nan_policy == "stop" else cfg.health.max_skipped_steps
+    stop_flag = False
+    cost = throughput_meter(cfg, world)  # images/s per device and MFU for the log records
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=True if world.rank != 0 else None,
                dynamic_ncols=True)
     try:
         while step < cfg.steps:
             checkpoints.poll()
-            if stop_requested is not None and _any_rank(stop_requested(), world):
+            stop_flag = stop_flag or (stop_requested is not None and stop_requested())
+            if stop_agreed(stop_flag, step, world):
+                if pending:
+                    loss_value = read_pending(pending, counters, cfg, world)[0]
                 save(step, asynchronous=False)
                 return TrainResult("stopped", step, run_dir, loss_value, counters.skipped_steps)
             timer.start("data")
             x0, y = next(loader)
-            draws = draw_step(cfg, objective, step, world.rank, world.size)
+            draws = draw_step(cfg, objective, step, world.rank, world.size, world.device)
             timer.start("forward_backward")
             if interval_step is not None and interval_step.due(step):
                 outs = [interval_step.run(x0, y, draws, step, timer)]  # k per-interval gradients, combined
             else:
-                outs = []
-                for i, rows in enumerate(torch.arange(len(y)).chunk(accum)):
+                outs, micro = [], len(y) // accum  # the config makes the batch divide into accum
+                for i in range(accum):
+                    rows = slice(i * micro, (i + 1) * micro)  # a slice, not an index tensor: no copy to the device
                     with backend.micro_step(last=i == accum - 1):
                         out = backend.forward(x0[rows], y[rows], draws.t[rows], draws.noise[rows], draws.drop[rows])
                         backend.backward(out["loss"] / accum)
                     outs.append({k: v.detach() for k, v in out.items()})
             timer.start("optimizer")
-            grad_norm = backend.clip_grad_norm(max_norm)
-            # one all-reduce per step for every reported scalar: loss, unweighted loss, mse, vb, intervals
-            means = _mean_over_ranks(torch.cat([
-                torch.stack([o["loss"] for o in outs]).mean()[None],
-                torch.stack([o["mse"] + o["vb"] for o in outs]).mean()[None],
-                torch.stack([o["mse"] for o in outs]).mean()[None],
-                torch.stack([o["vb"] for o in outs]).mean()[None],
-                torch.stack([o["interval_losses"] for o in outs]).nanmean(0),
-            ]), world)
-            loss, unweighted, interval_losses = means[0], means[1].item(), means[4:]
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                message = (f"step {step}, rank {world.rank}: loss {loss.item()}, grad norm {grad_norm.item()}; "
-                           f"interval losses {interval_losses.tolist()}")
-                counters.skipped_steps += 1
-                if cfg.health.nan_policy == "stop" or counters.skipped_steps > cfg.health.max_skipped_steps:
-                    raise NonFiniteLossError(message)
-                log.warning("skipping non-finite step (%d skipped so far): %s", counters.skipped_steps, message)
-                backend.skip()
-            else:
-                backend.step()
-                backend.update_ema(cfg.ema_decay)
-                if phema is not None:
-                    phema.update(step + 1)
+            values = step_values(outs, backend.clip_grad_norm(max_norm), world)
+            # a non-finite step leaves weights and optimizer state as they were; the EMAs still
+            # take the step, with those unchanged weights
+            backend.step(update_allowed(values, skipped, allowed_skips))
+            backend.update_ema(cfg.ema_decay)
+            if phema is not None:
+                phema.update(step + 1)
+            pending.append(PendingStep(step, values))
             step += 1
             counters.images_seen += cfg.global_batch_size
-            loss_value = loss.item()
-            _watch_spike(counters, unweighted, step, cfg)
             timer.stop()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % cfg.logging.every == 0 or step == cfg.steps:
+            log_step = step % cfg.logging.every == 0 or step == cfg.steps
+            snapshot_due = phema is not None and phema.every > 0 and step % phema.every == 0
+            if log_step or snapshot_due or checkpoints.due(step, last_step=cfg.steps):
+                # the host reads the values here, before anything is logged or written from them
+                last = read_pending(pending, counters, cfg, world)
+                loss_value = last[0]
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            if log_step:
                 record = {
-                    "step": step, "loss": loss_value, "unweighted_loss": unweighted,
-                    "mse": means[2].item(), "vb": means[3].item(),
-                    "interval_losses": interval_losses.tolist(), "grad_norm": grad_norm.item(),
+                    "step": step, "loss": loss_value, "unweighted_loss": last[1], "mse": last[2], "vb": last[3],
+                    "interval_losses": last[4:-1], "grad_norm": last[-1],
                     "lr": backend.param_groups[0]["lr"], "images_seen": counters.images_seen,
                     "skipped_steps": counters.skipped_steps, "loss_spikes": counters.loss_spikes,
                     "checkpoint_blocked_s": checkpoints.blocked_seconds,
-                    **timer.summary(cfg.global_batch_size),
+                    **cost(timer.summary(cfg.global_batch_size)),
                 }
                 if objective.uw is not None:
-                    weights = objective.uw.weights()
-                    record["uw_weights"] = getattr(weights, "full_tensor", lambda: weights)().tolist()
+                    record["uw_weights"] = full_tensor(objective.uw.weights()).tolist()
                 if interval_step is not None:
                     record.update(interval_step.log_values())
                 if cfg.device == "cuda":
@@ -273,7 +336,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
             # after the step's metrics line: a resume keeps the lines up to its checkpoint's step,
             # so a crash right after this commit must find this step's line already written
             timer.start("checkpoint")  # counted in the next logging interval
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+            if checkpoints.due(step, last_step=cfg.steps):
                 save(step, asynchronous=False if step == cfg.steps else None)
             elif phema is not None:
                 phema.maybe_snapshot(step, at_checkpoint=False)

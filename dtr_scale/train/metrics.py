@@ -10,50 +10,62 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, read_jsonl, rewrite_jsonl
-from dtr_scale.train.progress import progress, progress_text
+from dtr_scale.train.progress import progress, progress_text, throughput_text
 from dtr_scale.train.training_plot import TrainingPlotter
+from dtr_scale.wandb_run import open_wandb_run
 
 log = logging.getLogger(__name__)
 PHASES = ("data", "forward_backward", "mtl", "optimizer", "checkpoint")  # mtl: ANT-Nash / PCGrad's own work
 
 
 class StepTimer:
-    """Wall time per phase of the step, summed between log lines (data stalls show up as `data`)."""
+    """Time per phase of the step, summed between log lines (data stalls show up as `data`).
+
+    On CUDA the phase boundaries are CUDA events on the training stream: each phase is the
+    device time between its boundaries (a host stall the device waits for lands in the phase
+    it stalls), and nothing waits for the device until summary() at a log step. On a CPU they
+    are host clock readings."""
 
     def __init__(self, device: str):
         import torch  # here, not at the top: `dtr-scale status` reads metrics without torch
 
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.cuda = torch.device(device).type == "cuda"
+        self._event = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        self._synchronize = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.marks: list[tuple[str | None, object]] = []  # (phase starting here, clock mark)
         self.steps = 0
-        self.phase: str | None = None
-        self.since = 0.0
 
-    def start(self, phase: str) -> None:
-        now = self._now()
-        if self.phase is not None:
-            self.totals[self.phase] += now - self.since
-        self.phase, self.since = phase, now
+    def start(self, phase: str | None) -> None:
+        if self.cuda:
+            mark = self._event()
+            mark.record()
+        else:
+            mark = time.perf_counter()
+        self.marks.append((phase, mark))
 
     def stop(self) -> None:
-        self.start(None)  # type: ignore[arg-type]
+        self.start(None)
         self.steps += 1
 
-    def _now(self) -> float:
-        self.sync()
-        return time.perf_counter()
+    def _seconds(self, a: object, b: object) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
     def summary(self, global_batch: int) -> dict[str, float]:
-        total = sum(self.totals.values())
-        out = {f"time_{k}_ms": 1e3 * v / max(self.steps, 1) for k, v in self.totals.items()}
+        """Mean ms per step of each phase and images/s since the last summary (waits for the device)."""
+        self._synchronize()
+        totals = dict.fromkeys(PHASES, 0.0)
+        for (phase, a), (_, b) in zip(self.marks, self.marks[1:]):
+            if phase is not None:
+                totals[phase] += self._seconds(a, b)
+        total = sum(totals.values())
+        out = {f"time_{k}_ms": 1e3 * v / max(self.steps, 1) for k, v in totals.items()}
         out["images_per_s"] = global_batch * self.steps / total if total > 0 else 0.0
-        self.totals = dict.fromkeys(PHASES, 0.0)
+        self.marks = self.marks[-1:] if self.marks and self.marks[-1][0] is not None else []  # a phase still open
         self.steps = 0
         return out
 
@@ -119,10 +131,11 @@ class MetricsLogger:
         self.step = record["step"]
         append_jsonl(self.path, record)
         self.plotter.update()
-        log.info("step %d  loss %.4f  grad %.3g  %.1f img/s  data %.0f ms  fwd+bwd %.0f ms  opt %.0f ms  %s",
+        per_device = throughput_text(record)
+        log.info("step %d  loss %.4f  grad %.3g  %.1f img/s%s  data %.0f ms  fwd+bwd %.0f ms  opt %.0f ms  %s",
                  record["step"], record["loss"], record["grad_norm"], record["images_per_s"],
-                 record["time_data_ms"], record["time_forward_backward_ms"], record["time_optimizer_ms"],
-                 progress_text(progress(record)))
+                 f" ({per_device})" if per_device else "", record["time_data_ms"],
+                 record["time_forward_backward_ms"], record["time_optimizer_ms"], progress_text(progress(record)))
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if not isinstance(v, list)}
             for name in ("interval_losses", "uw_weights", "nash_alpha"):
@@ -147,10 +160,4 @@ class MetricsLogger:
 def _init_wandb(run_dir: Path, cfg: TrainConfig):
     from dtr_scale.train.components import config_to_dict
 
-    wandb = import_extra("wandb")
-
-    id_file = run_dir / "wandb_id.txt"
-    if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex[:12])  # one wandb run per run dir, across requeues
-    return wandb.init(project=cfg.logging.project, dir=str(run_dir), id=id_file.read_text().strip(),
-                      resume="allow", mode=cfg.logging.wandb, config=config_to_dict(cfg), name=run_dir.name)
+    return open_wandb_run(run_dir, cfg.logging, run_dir.name, config=config_to_dict(cfg))

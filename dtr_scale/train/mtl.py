@@ -68,7 +68,7 @@ class IntervalGradientStep:
         """k forward/backward passes, one per interval; leaves the combined gradient in the parameters'
         .grad and returns the step's detached outputs in the loop's form."""
         k = self.objective.num_intervals
-        interval = interval_index(draws.t, self.objective.boundaries.cpu())
+        interval = interval_index(draws.t, self.objective.boundaries.to(draws.t.device))
         params = [p for p in self.backend.module.parameters() if p.requires_grad]
         grads: torch.Tensor | None = None
         outs = []

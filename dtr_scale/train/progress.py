@@ -64,3 +64,13 @@ def progress_text(info: dict[str, Any]) -> str:
     if info["eta_s"] is not None:
         text += f", ETA {format_duration(info['eta_s'])}"
     return text
+
+
+def throughput_text(record: dict[str, Any]) -> str:
+    """ "412.0 images/s per device, MFU 41.3%" from a metrics record ("" for a record from before
+    these were logged; MFU only on a GPU with a known peak)."""
+    per_device = record.get("images_per_s_per_device")
+    if per_device is None:
+        return ""
+    mfu = record.get("mfu")
+    return f"{per_device:.1f} images/s per device" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.models.autoencoders import PixelAutoencoder
 from dtr_scale.data_prep.merge import merge
 from dtr_scale.data_prep.prepare import PrepSettings, prepare
 from dtr_scale.data_prep.sources import ArraySource

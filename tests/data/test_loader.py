@@ -10,9 +10,9 @@ from dtr_scale.data.readers import open_reader
 from dtr_scale.data.shard_format import ShardDataError
 
 
-def loader(path, fmt="mds", batch=16, rank=0, world=1, seed=0, workers=0):
+def loader(path, fmt="mds", batch=16, rank=0, world=1, seed=0, workers=0, hflip=True):
     return build_shard_loader(path, format=fmt, global_batch_size=batch, rank=rank, world_size=world, seed=seed,
-                              num_workers=workers)
+                              num_workers=workers, hflip=hflip)
 
 
 def take(it, n):
@@ -55,6 +55,23 @@ def test_latents_are_fresh_posterior_draws_of_image_or_flip(noisy_datasets):
         torch.testing.assert_close(latents, chosen[:, :4] + 0.5 * eps, rtol=0, atol=0)
         assert torch.equal(labels, torch.from_numpy(positions % 10))
         assert latents.shape == (16, 4, 4, 4) and latents.dtype == torch.float32
+
+
+def test_without_hflip_every_latent_is_of_the_image_itself_with_the_same_noise(noisy_datasets):
+    path = noisy_datasets["mds"]
+    reader = open_reader(path, read_manifest(path))
+    moments = np.stack([reader.read(i)[0] for i in range(64)])
+    flipped, unflipped = loader(path, batch=16, seed=4), loader(path, batch=16, seed=4, hflip=False)
+    drawn_flips = 0
+    for step in range(4):
+        positions = flipped.order.rank_positions(step)
+        eps, flips = draw_noise_and_flips(4, flipped.order.epoch(step), positions, (4, 4, 4))
+        drawn_flips += int(flips.sum())
+        image = torch.from_numpy(moments[positions, 0].astype(np.float32))
+        (with_flips, _), (latents, _) = next(flipped), next(unflipped)
+        torch.testing.assert_close(latents, image[:, :4] + 0.5 * eps, rtol=0, atol=0)
+        assert torch.equal(latents[~torch.from_numpy(flips)], with_flips[~torch.from_numpy(flips)])
+    assert drawn_flips > 0  # the default loader did take flipped images where these are not
 
 
 def test_mds_and_webdataset_give_the_same_sequence(noisy_datasets):
@@ -102,3 +119,19 @@ def test_wrong_format_or_missing_dataset_is_a_clear_error(noisy_datasets, tmp_pa
         loader(noisy_datasets["mds"], "webdataset")
     with pytest.raises(ShardDataError, match="dtr-prep digits"):
         loader(str(tmp_path / "nothing"))
+
+
+def test_the_prefetcher_hands_out_the_same_batches_and_resumes_at_the_batch_it_handed_out(identity_datasets):
+    from dtr_scale.data.loader import DevicePrefetcher
+
+    path = identity_datasets["mds"]
+    plain = take(loader(path, batch=20), 6)
+    ahead = DevicePrefetcher(loader(path, batch=20), "cpu")
+    first = take(ahead, 3)
+    assert ahead.loader.step == 4  # one batch fetched ahead ...
+    state = ahead.state_dict()
+    assert state["step"] == 3  # ... but the position is that of the batches handed out
+    resumed = DevicePrefetcher(loader(path, batch=20), "cpu")
+    resumed.load_state_dict(state)
+    for got, want in zip(first + take(resumed, 3), plain):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtr_scale.data_prep.autoencoders import MissingWeightsError, PixelAutoencoder, load_autoencoder
+from dtr_scale.models.autoencoders import MissingWeightsError, PixelAutoencoder, load_autoencoder
 
 
 def test_pixel_autoencoder_is_grayscale_space_to_depth():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtr_scale.data_prep.autoencoders import PixelAutoencoder, load_autoencoder
+from dtr_scale.models.autoencoders import PixelAutoencoder, load_autoencoder
 from dtr_scale.data_prep.images import center_crop_arr
 from dtr_scale.data_prep.layout import PrepError
 from dtr_scale.data_prep.merge import merge, verify

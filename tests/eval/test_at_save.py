@@ -8,7 +8,8 @@ import time
 
 from dtr_scale.config import to_train_config
 from dtr_scale.eval.results import read_results
-from dtr_scale.eval.watcher import work_path
+from dtr_scale.eval.watcher import at_save_hook
+from dtr_scale.eval.work_log import work_path
 from dtr_scale.train.loop import train
 
 
@@ -18,7 +19,7 @@ def test_each_due_checkpoint_is_submitted_once_at_save_time(digits_dir, digits_r
             "eval": {"every": 20, "num_samples": 20, "batch_size": 10, "averaging": ["ema"], "at_save": True},
             "cluster": {"kind": "local", "time_min": 10, "signal_delay_s": 30}}
     cfg = to_train_config(raw)
-    assert train(cfg).step == 40  # training does not wait for the evaluations
+    assert train(cfg, on_checkpoint=at_save_hook(cfg)).step == 40  # training does not wait for the evaluations
 
     events = [json.loads(line) for line in work_path(cfg.run_dir).read_text().splitlines()]
     assert [e["event"] for e in events] == ["submitted", "submitted"]  # steps 20 and 40, not 10 or 30

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from dtr_scale.eval.averaging import AveragingError, averaged_model
 from dtr_scale.eval.sample import load_model
 from dtr_scale.train.checkpoint import complete_checkpoints
-from dtr_scale.train.phema_snapshots import snapshot_name
+from dtr_scale.train.phema import snapshot_name
 
 
 def parameters(model):

@@ -2,7 +2,8 @@
 
 import pytest
 
-from dtr_scale.eval.cli import main, resolve_checkpoint, run_eval
+from dtr_scale.eval.cli import main
+from dtr_scale.eval.watcher import resolve_checkpoint, run_eval
 from dtr_scale.eval.results import read_results
 
 SMALL = {"eval.num_samples": 20, "eval.batch_size": 10, "diffusion.sampling_steps": 5}

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from dtr_scale.eval.results import read_results, record_key
-from dtr_scale.eval.watcher import work_path
+from dtr_scale.eval.work_log import work_path
 
 DTR_SCALE = str(Path(sys.executable).parent / "dtr-scale")
 

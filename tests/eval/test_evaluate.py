@@ -7,18 +7,12 @@ import pytest
 import torch
 
 from dtr_scale.eval import features
-from dtr_scale.eval.evaluate import (
-    EvaluationError,
-    adm_scores,
-    dataset_decoder,
-    evaluate_checkpoint,
-    sample_spec,
-    score_samples,
-)
+from dtr_scale.eval.evaluate import adm_scores, dataset_decoder, evaluate_checkpoint, score_samples
 from dtr_scale.eval.features import FeatureNetwork
 from dtr_scale.eval.generate import generate_samples, load_samples
 from dtr_scale.eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 from dtr_scale.eval.results import read_results, results_path
+from dtr_scale.eval.settings import EvalSettings, EvaluationError
 from dtr_scale.train.components import build_diffusion, build_model
 
 
@@ -29,7 +23,7 @@ def test_a_briefly_trained_model_scores_a_clearly_better_digits_fd_than_an_untra
 
     torch.manual_seed(cfg.seed)  # the trainer's initial weights
     untrained_model = build_model(cfg)
-    npz = generate_samples(untrained_model, build_diffusion(cfg).respaced(25), sample_spec(cfg, cfg, 0, "untrained"),
+    npz = generate_samples(untrained_model, build_diffusion(cfg).respaced(25), EvalSettings.of(cfg).sample_spec(cfg.model, 0, "untrained"),
                            tmp_path / "untrained", dataset_decoder(cfg, torch.device("cpu")))
     untrained = score_samples(*load_samples(npz), cfg)
 

@@ -8,10 +8,10 @@ import pytest
 
 from dtr_scale.eval import evaluate
 from dtr_scale.eval.cli import main
-from dtr_scale.eval.evaluate import samples_folder
 from dtr_scale.eval.features import INCEPTION_URL
 from dtr_scale.eval.results import read_results
-from dtr_scale.eval.watcher import work_path
+from dtr_scale.eval.settings import EvalSettings
+from dtr_scale.eval.work_log import work_path
 
 SMALL = ["eval.num_samples=20", "eval.batch_size=10", "diffusion.sampling_steps=5"]
 
@@ -22,7 +22,7 @@ def failed_events(run_dir):
 
 def test_a_failed_item_makes_the_exit_status_non_zero_and_is_retried_on_request(run_copy, eval_config):
     cfg = eval_config(run_copy, **{"eval.num_samples": 20, "eval.batch_size": 10, "diffusion.sampling_steps": 5})
-    blocked = samples_folder(run_copy, 250, "ema", cfg)
+    blocked = EvalSettings.of(cfg).samples_folder(run_copy, 250, "ema")
     blocked.parent.mkdir(parents=True)
     blocked.write_text("a file where the samples folder goes")  # step 250's sampling fails
 

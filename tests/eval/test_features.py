@@ -1,4 +1,4 @@
-"""Feature networks end to end: a random-weight FID Inception loaded from a file, and the digits classifier."""
+"""The FID Inception end to end: random weights loaded from a file, features as ADM takes them."""
 
 from unittest import mock
 
@@ -6,19 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dtr_scale.data.digits import load_digits_images
 from dtr_scale.eval import features
-from dtr_scale.eval.features import (
-    INCEPTION_FILENAME,
-    INCEPTION_URL,
-    DigitsClassifier,
-    InceptionFeatures,
-    digits_split,
-    load_digits_classifier,
-    train_digits_classifier,
-)
+from dtr_scale.eval.features import INCEPTION_FILENAME, INCEPTION_URL, InceptionFeatures
 from dtr_scale.models.weights import UnsafeWeightsError, WeightsFileError
-from dtr_scale.eval.metrics import class_accuracy, feature_statistics, frechet_distance, inception_score, precision_recall
+from dtr_scale.eval.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
 
 def random_inception_weights(path):
@@ -107,65 +98,6 @@ def test_inception_features_end_to_end(inception, small_images):
 def test_extract_rejects_non_uint8_images(inception):
     with pytest.raises(ValueError, match="uint8"):
         inception.extract(np.zeros((2, 8, 8, 3), np.float32))
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_images(size=16)
-
-
-@pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache") / "digits_classifier.pt"
-
-
-@pytest.fixture(scope="module")
-def digits_net(digits_cache):
-    return load_digits_classifier(digits_cache)  # trains (a few seconds) and writes the cache
-
-
-def test_digits_classifier_held_out_accuracy_above_90_percent(digits_net, digits):
-    images, labels = digits
-    _, test_idx = digits_split(len(images))
-    out = digits_net.extract(images[test_idx], batch_size=100)
-    assert out["pool"].shape == (len(test_idx), 64) and out["logits"].shape == (len(test_idx), 10)
-    accuracy = class_accuracy(out["logits"], labels[test_idx])
-    assert accuracy > 0.9
-    assert accuracy == pytest.approx(digits_net.test_accuracy)
-
-
-def test_digits_fd_of_real_halves_is_far_below_real_vs_noise(digits_net, digits):
-    images, _ = digits
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(images))
-    half_a, half_b = (digits_net.extract(images[idx])["pool"] for idx in np.array_split(order, 2))
-    noise = digits_net.extract(rng.integers(0, 256, size=(900, 16, 16, 3), dtype=np.uint8))["pool"]
-    stats_a = feature_statistics(half_a)
-    real_vs_real = frechet_distance(*stats_a, *feature_statistics(half_b))
-    real_vs_noise = frechet_distance(*stats_a, *feature_statistics(noise))
-    assert real_vs_real < 0.01 * real_vs_noise
-
-
-def test_digits_classifier_is_cached_and_reused(digits_net, digits_cache, monkeypatch):
-    assert digits_cache.is_file()
-    monkeypatch.setattr(features, "train_digits_classifier", mock.Mock(side_effect=AssertionError("retrained")))
-    again = load_digits_classifier(digits_cache)
-    for a, b in zip(digits_net.state_dict().values(), again.state_dict().values()):
-        assert torch.equal(a, b)
-    assert again.test_accuracy == digits_net.test_accuracy
-
-
-def test_digits_classifier_training_is_deterministic():
-    first, accuracy_1 = train_digits_classifier(epochs=1)
-    second, accuracy_2 = train_digits_classifier(epochs=1)
-    assert accuracy_1 == accuracy_2
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
-        assert torch.equal(a, b)
-
-
-def test_digits_classifier_rejects_other_image_sizes():
-    with pytest.raises(ValueError, match="16, 16"):
-        DigitsClassifier(16).extract(np.zeros((2, 32, 32, 3), np.uint8))
 
 
 @pytest.fixture

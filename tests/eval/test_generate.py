@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+from dtr_scale.models.autoencoders import PixelAutoencoder
 from dtr_scale.eval.generate import (
     GRID_PNG,
     SAMPLES_NPZ,

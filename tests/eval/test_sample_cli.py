@@ -29,7 +29,7 @@ def official_pt(tmp_path_factory):
 
 def expected_images(weights, labels, steps, cfg_scale, seed):
     """The same samples drawn here: tiny DiT + the file's weights, DDIM, the pixel autoencoder."""
-    from dtr_scale.data_prep.autoencoders import PixelAutoencoder
+    from dtr_scale.models.autoencoders import PixelAutoencoder
     from dtr_scale.diffusion.sampling import sample_latents
 
     cfg = compose_config(["model=tiny", "routing=none"], "unused")

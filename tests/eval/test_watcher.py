@@ -10,19 +10,11 @@ import submitit
 
 from dtr_scale.config import ClusterConfig
 from dtr_scale.eval import evaluate
-from dtr_scale.eval.evaluate import result_key
 from dtr_scale.eval.results import read_results
-from dtr_scale.eval.watcher import (
-    MAX_ATTEMPTS,
-    EvaluationTask,
-    key_string,
-    pending,
-    record_event,
-    trigger,
-    watch,
-    work_items,
-    work_path,
-)
+from dtr_scale.eval.jobs import EvaluationTask
+from dtr_scale.eval.settings import EvalSettings
+from dtr_scale.eval.watcher import trigger, watch
+from dtr_scale.eval.work_log import MAX_ATTEMPTS, key_string, pending, record_event, work_items, work_path
 from dtr_scale.launch.ledger import append_record
 from dtr_scale.train.checkpoint import MANIFEST, checkpoint_dir
 
@@ -90,7 +82,7 @@ def dead_pid():
 
 def test_work_of_a_dead_claimant_is_taken_over_and_a_live_ones_is_left(run_copy, eval_config, loads):
     cfg = eval_config(run_copy, **SMALL)
-    key_200, key_250 = (key_string(result_key(step, "ema", cfg)) for step in (200, 250))
+    key_200, key_250 = (key_string(EvalSettings.of(cfg).result_key(step, "ema")) for step in (200, 250))
     record_event(run_copy, key_200, "claimed", token="crashed", pid=dead_pid())  # an evaluator that crashed
     sleeper = subprocess.Popen(["sleep", "60"])
     try:

@@ -11,7 +11,8 @@ import pytest
 
 from dtr_scale.config import ClusterConfig
 from dtr_scale.eval.results import read_results
-from dtr_scale.eval.watcher import watch, work_path
+from dtr_scale.eval.watcher import watch
+from dtr_scale.eval.work_log import work_path
 
 SMALL = {"eval.num_samples": 20, "eval.batch_size": 10, "diffusion.sampling_steps": 5}
 

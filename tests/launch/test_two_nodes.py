@@ -25,10 +25,11 @@ import torch
 
 from dtr_scale.config import ClusterConfig, TrainConfig, to_train_config
 from dtr_scale.eval.results import read_results
-from dtr_scale.eval.watcher import work_path
+from dtr_scale.eval.work_log import work_path
 from dtr_scale.launch.environment import export_distributed_env, master_port
 from dtr_scale.launch.ledger import read_status
 from dtr_scale.launch.submit import submit_training
+from dtr_scale.run import submit_run
 from dtr_scale.train.checkpoint import latest_checkpoint
 from dtr_scale.train.local import run_processes
 from dtr_scale.train.loop import train
@@ -232,7 +233,7 @@ def test_evaluation_jobs_at_save_time_from_a_two_node_job(tmp_path, digits):
         "eval": {"every": 10, "num_samples": 20, "batch_size": 10, "averaging": ["ema"], "at_save": True},
     })
     cfg.cluster = two_nodes()
-    results = results_within(submit_training(cfg, cfg.cluster), 300)
+    results = results_within(submit_run(cfg), 300)
     assert [(r.status, r.step) for r in results] == [("finished", 20)] * 2
     # Global rank 0 (node1) submitted one evaluation job per due checkpoint, from inside the cluster.
     events = [json.loads(line) for line in work_path(cfg.run_dir).read_text().splitlines()]

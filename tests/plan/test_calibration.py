@@ -1,6 +1,8 @@
 """The calibration table: honest sources, estimates that follow their stated derivation,
 measured entries winning, and which GPU a cluster config means."""
 
+import dataclasses
+
 import pytest
 
 from plan_helpers import gpu_run
@@ -15,6 +17,7 @@ from dtr_scale.plan.calibration import (
     model_key,
     training_throughput,
 )
+from dtr_scale.models.cost import model_flops_utilization
 from dtr_scale.plan.model_cost import dit_shape, forward_macs
 
 CAL = load_calibration()
@@ -79,3 +82,24 @@ def test_measuring_throughput_runs_training_steps():
     cfg = gpu_run(ModelConfig(name="DiT-S/2", input_size=8, num_classes=10, depth=1, hidden_size=32, num_heads=2),
                    world_size=1, global_batch_size=8, precision="fp32", device="cpu")
     assert measure_images_per_s(cfg, steps=2, warmup=1) > 0
+
+
+def test_mfu_is_the_inverse_of_the_estimate():
+    macs = forward_macs(dit_shape(ModelConfig(name="DiT-XL/2")))
+    assert model_flops_utilization(estimated_images_per_s(macs, 989, 0.45), macs, 989) == pytest.approx(0.45)
+    # 620 images/s of DiT-XL/2 (118.6 GMACs) on an H100: 620 x 6 x 118.6e9 / 989e12
+    assert model_flops_utilization(620, 118_600_000_000, 989) == pytest.approx(620 * 6 * 118.6e9 / 989e12)
+
+
+def test_a_measured_entry_wins_over_an_estimated_one_and_is_named():
+    macs = forward_macs(dit_shape(ModelConfig(name="DiT-XL/2")))
+    estimate = next(e for e in CAL.entries if (e["gpu"], e["model"]) == ("h100", "DiT-XL/2"))
+    measured = {**estimate, "images_per_s": 655.0,
+                "source": "measured on NVIDIA H100 80GB HBM3, 2026-12-01: dtr-bench gpu, commit abc"}
+    for entries in ([measured, *CAL.entries], [*CAL.entries, measured]):
+        cal = dataclasses.replace(CAL, entries=entries)
+        found = training_throughput(cal, "h100", "DiT-XL/2", "bf16", True, macs)
+        index = entries.index(measured) + 1
+        assert found.images_per_s == 655.0
+        assert found.source == (f"calibration.yaml: {measured['source']} "
+                                f"(throughput entry {index} of {len(entries)})")

@@ -28,6 +28,7 @@ from dtr_scale.train.backends.deepspeed import (
     needs_universal,
 )
 from dtr_scale.train.components import (
+    DiffusionTrainModule,
     build_loader,
     build_model,
     build_objective,
@@ -36,7 +37,8 @@ from dtr_scale.train.components import (
     config_to_dict,
 )
 from dtr_scale.train.ema import make_ema, update_ema
-from dtr_scale.train.loop import DiffusionTrainModule, World, draw_step
+from dtr_scale.train.loop import draw_step
+from dtr_scale.world import World
 
 STEPS, SAVE_AT, SKIP_AT = 10, 5, 7
 # fp32 throughout; only the order of the batch sums differs between 1 and 2 ranks

@@ -28,7 +28,7 @@ from dtr_scale.train.checkpoint import checkpoint_dir, checkpoint_name, read_man
 from dtr_scale.train.components import config_from_dict, config_to_dict
 from dtr_scale.train.loop import NonFiniteLossError, train
 from dtr_scale.train.metrics import read_metrics
-from dtr_scale.train.phema_snapshots import MissingSnapshotsError, require_snapshots, snapshot_inventory
+from dtr_scale.train.phema import MissingSnapshotsError, require_snapshots, snapshot_inventory
 
 REPO = Path(__file__).resolve().parents[2]
 EVERY, STEPS = 2, 6

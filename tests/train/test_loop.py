@@ -146,3 +146,55 @@ def test_ema_export_loads_into_a_vanilla_model_without_the_trainer(tiny_config, 
         assert torch.equal(vanilla.state_dict()[name], value), name
     trained, _ = load_model(latest_checkpoint(cfg.run_dir), use_ema=False)
     assert not torch.equal(trained.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight)
+
+
+def optimizer_steps_taken(backend_cls, monkeypatch):
+    """Record AdamW's step count of the first parameter after every backend.step call."""
+    real_step, counts = backend_cls.step, []
+
+    def counting_step(self, apply=None):
+        real_step(self, apply)
+        state = self.optimizer.state[self.optimizer.param_groups[0]["params"][0]]
+        counts.append(int(state["step"]) if state else 0)
+
+    monkeypatch.setattr(backend_cls, "step", counting_step)
+    return counts
+
+
+def inf_grad_norm_at(backend_cls, monkeypatch, steps):
+    real_clip, calls = backend_cls.clip_grad_norm, {"n": 0}
+
+    def clip(self, max_norm):
+        norm = real_clip(self, max_norm)
+        calls["n"] += 1
+        return torch.full_like(norm, float("inf")) if calls["n"] - 1 in steps else norm
+
+    monkeypatch.setattr(backend_cls, "clip_grad_norm", clip)
+
+
+@pytest.mark.parametrize("fused", [False, True])  # masked on the host / on the device (fused AdamW's found_inf)
+def test_stop_policy_acts_at_the_next_log_step_and_nothing_updates_after_the_bad_step(tiny_config, monkeypatch, fused):
+    from dtr_scale.train.backends.torch_dist import TorchBackend
+
+    counts = optimizer_steps_taken(TorchBackend, monkeypatch)
+    inf_grad_norm_at(TorchBackend, monkeypatch, {2})
+    cfg = tiny_config(steps=20, **{"logging.every": 5, "backend.fused_adamw": fused, "health.nan_policy": "stop"})
+    with pytest.raises(NonFiniteLossError, match=r"^step 2, rank 0: loss [\d.]+, grad norm inf"):
+        train(cfg)
+    assert counts == [1, 2, 2, 2, 2]  # steps 3 and 4 ran before the log step read step 2's values: no update
+    assert latest_checkpoint(cfg.run_dir) is None  # nothing was saved from the steps after it
+
+
+def test_skipped_steps_leave_adam_untouched_on_the_device_and_records_carry_throughput(tiny_config, monkeypatch):
+    from dtr_scale.train.backends.torch_dist import TorchBackend
+
+    counts = optimizer_steps_taken(TorchBackend, monkeypatch)
+    inf_grad_norm_at(TorchBackend, monkeypatch, {3, 4})
+    cfg = tiny_config(steps=10, **{"backend.fused_adamw": True, "health.nan_policy": "skip"})
+    result = train(cfg)
+    assert (result.status, result.step, result.skipped_steps) == ("finished", 10, 2)
+    assert counts == [1, 2, 3, 3, 3, 4, 5, 6, 7, 8]
+    records = [json.loads(line) for line in open(f"{cfg.run_dir}/metrics.jsonl")]
+    assert [r["skipped_steps"] for r in records] == [2, 2]
+    for r in records:  # one process on a CPU: per device = all, and no GPU peak for MFU
+        assert r["images_per_s_per_device"] == r["images_per_s"] > 0 and r["mfu"] is None

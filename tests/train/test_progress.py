@@ -51,3 +51,26 @@ def test_each_log_line_ends_with_percent_done_and_eta(tmp_path, caplog):
                                                     "25.0% of 1200 steps, ETA 0:07:30")
     (logged,) = [json.loads(line) for line in metrics_path(tmp_path).read_text().splitlines()]
     assert logged["total_steps"] == 1200 and logged["time"] > 1.7e9  # what status computes its ETA from
+
+
+def test_the_log_line_names_images_per_device_and_mfu(tmp_path, caplog):
+    import logging
+
+    from dtr_scale.config import to_train_config
+    from dtr_scale.train.metrics import MetricsLogger
+
+    metrics = MetricsLogger(tmp_path, to_train_config({"steps": 1200, "logging": {"wandb": "disabled"}}), enabled=True)
+    with caplog.at_level(logging.INFO, logger="dtr_scale.train.metrics"):
+        metrics.write({"step": 300, "loss": 0.5, "grad_norm": 1.0, "images_per_s": 1280.0, "images_seen": 192000,
+                       "images_per_s_per_device": 640.0, "mfu": 0.4606,
+                       "time_data_ms": 1.0, "time_forward_backward_ms": 400.0, "time_optimizer_ms": 99.0})
+    metrics.close()
+    assert "1280.0 img/s (640.0 images/s per device, MFU 46.1%)  data 1 ms" in caplog.records[-1].getMessage()
+
+
+def test_throughput_text_names_images_per_device_and_mfu_where_known():
+    from dtr_scale.train.progress import throughput_text
+
+    assert throughput_text({"images_per_s_per_device": 412.04, "mfu": 0.41349}) == "412.0 images/s per device, MFU 41.3%"
+    assert throughput_text({"images_per_s_per_device": 98.0, "mfu": None}) == "98.0 images/s per device"
+    assert throughput_text({"images_per_s": 98.0}) == ""  # a record from before these were logged

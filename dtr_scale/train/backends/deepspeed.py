@@ -33,7 +33,7 @@ Checkpoints (directory `path`):
 
     zero/            engine.save_checkpoint: every rank writes its own ZeRO shard
     ema.safetensors  the EMA, official DiT names (what the evaluator reads)
-    extra_state.pt   the loop's extra state (post-hoc EMA), from rank 0
+    extra_state.pt   the extra stateful objects registered with the checkpoint manager (post-hoc EMA), rank 0
     deepspeed.json   world size, ZeRO stage and optimizer groups at save time
 
 Loading on the same world size uses the shards directly (ZeRO-1 and ZeRO-2
@@ -55,23 +55,25 @@ import os
 import pickle
 import shutil
 from argparse import Namespace
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 
 from dtr_scale.config import ConfigError, TrainConfig
-from dtr_scale.eval.sample import EMA_EXPORT
 from dtr_scale.extras import import_extra
+from dtr_scale.train.checkpoint import EMA_EXPORT
 from dtr_scale.train.components import build_optimizer
 from dtr_scale.train.ema import update_ema
 from dtr_scale.train.speed import apply_speed_switches
+from dtr_scale.world import World
 
 if TYPE_CHECKING:
-    from dtr_scale.train.loop import DiffusionTrainModule
+    from dtr_scale.train.components import DiffusionTrainModule
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +123,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class DeepSpeedBackend:
-    def __init__(self, cfg: TrainConfig, world):
+    def __init__(self, cfg: TrainConfig, world: World):
         self.cfg = cfg
         self.world = world
         self.stage = cfg.backend.zero_stage
         self.config = deepspeed_config(cfg)
-        self.extra_state: dict = {}  # more Stateful objects to checkpoint (the post-hoc EMA)
         self._grad_norm: float | None = None  # this step's, once clip_grad_norm has measured it
 
     # setup -------------------------------------------------------------------
@@ -176,7 +177,9 @@ class DeepSpeedBackend:
         self._grad_norm = norm.item()
         return norm
 
-    def step(self) -> None:
+    def step(self, apply: torch.Tensor | None = None) -> None:
+        if apply is not None and not bool(apply):  # read on the host: ZeRO skips through its own path
+            return self.skip()
         self.engine.step()
         self._grad_norm = None
 
@@ -214,7 +217,7 @@ class DeepSpeedBackend:
                 return None
             return {k: v.detach().cpu().clone() for k, v in source.state_dict().items()}
 
-    def save(self, path: Path, *, asynchronous: bool = False) -> None:
+    def save(self, path: Path, *, extra: Mapping[str, Stateful] = {}, asynchronous: bool = False) -> None:
         """Write the state under directory `path` (collective, synchronous: returns None)."""
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
@@ -231,22 +234,22 @@ class DeepSpeedBackend:
         if self.world.rank == 0:
             ema = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
             save_file(ema, str(path / EMA_EXPORT))
-            torch.save({name: obj.state_dict() for name, obj in self.extra_state.items()}, path / EXTRA_FILE)
+            torch.save({name: obj.state_dict() for name, obj in extra.items()}, path / EXTRA_FILE)
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
             meta = {"world_size": self.world.size, "zero_stage": self.stage, "tag": TAG, "param_groups": groups}
             (path / META_FILE).write_text(json.dumps(meta, indent=1))
         return None
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, *, extra: Mapping[str, Stateful] = {}) -> None:
         path = Path(path)
         if not (path / META_FILE).exists():
             raise DeepSpeedCheckpointError(f"{path} has no {META_FILE}: it was not written by the DeepSpeed backend; "
                                            "resume it with the backend named in its meta.json")
         meta = json.loads((path / META_FILE).read_text())
         with deepspeed_files_read_safely():
-            self._load(path, meta)
+            self._load(path, meta, extra)
 
-    def _load(self, path: Path, meta: dict[str, Any]) -> None:
+    def _load(self, path: Path, meta: dict[str, Any], extra: Mapping[str, Stateful]) -> None:
         from safetensors.torch import load_file
 
         universal = needs_universal(meta, self.world.size, self.stage)
@@ -275,12 +278,12 @@ class DeepSpeedBackend:
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
         self.ema.load_state_dict(load_file(str(path / EMA_EXPORT), device=str(self.engine.device)))
-        extra = load_extra_state(path / EXTRA_FILE)
-        for name, obj in self.extra_state.items():
-            if name not in extra:
-                raise DeepSpeedCheckpointError(f"{path / EXTRA_FILE} has no {name!r} state (it has {sorted(extra)}); "
+        saved = load_extra_state(path / EXTRA_FILE)
+        for name, obj in extra.items():
+            if name not in saved:
+                raise DeepSpeedCheckpointError(f"{path / EXTRA_FILE} has no {name!r} state (it has {sorted(saved)}); "
                                                f"the run that wrote it did not track it")
-            obj.load_state_dict(extra[name])
+            obj.load_state_dict(saved[name])
 
 
 def deepspeed_checkpoint_classes() -> list[type]:
@@ -319,7 +322,7 @@ def deepspeed_files_read_safely() -> Iterator[None]:
 
 
 def load_extra_state(path: Path) -> dict[str, Any]:
-    """The loop's extra state (tensors, lists, numbers) with weights_only=True: no code runs from the file."""
+    """The extra state (tensors, lists, numbers) with weights_only=True: no code runs from the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

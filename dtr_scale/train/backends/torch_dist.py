@@ -8,6 +8,7 @@ number of ranks (DCP reshards on load).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dtr_scale.config import TrainConfig
@@ -29,15 +31,15 @@ from dtr_scale.train.checkpoint import dcp_load
 from dtr_scale.train.components import build_optimizer
 from dtr_scale.train.ema import update_ema
 from dtr_scale.train.speed import apply_speed_switches, autocast
+from dtr_scale.world import World, full_tensor
 
 
 class TorchBackend:
-    def __init__(self, cfg: TrainConfig, world):
+    def __init__(self, cfg: TrainConfig, world: World):
         self.cfg = cfg
         self.world = world
         self.device = cfg.device
         self.async_group = None
-        self.extra_state: dict = {}  # more Stateful objects to checkpoint (the post-hoc EMA)
 
     # setup -------------------------------------------------------------------
 
@@ -46,7 +48,9 @@ class TorchBackend:
         module.to(self.device)
         ema.to(self.device)
         apply_speed_switches(module.model, b)
-        if b.name == "fsdp" and self.world.size > 1:
+        # wrapped wherever a process group exists, also one of a single process (how `dtr-bench gpu`
+        # measures DDP and FSDP2 on one GPU); training without one runs the plain module
+        if b.name == "fsdp" and dist.is_initialized():
             policy = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16 if b.precision == "bf16" else None, reduce_dtype=torch.float32)
             for shard_root in (module.model, ema):
@@ -55,7 +59,7 @@ class TorchBackend:
             fully_shard(module, mp_policy=policy)
             fully_shard(ema)
             self.wrapped = module
-        elif self.world.size > 1:
+        elif dist.is_initialized():
             self.wrapped = nn.parallel.DistributedDataParallel(module)
         else:
             self.wrapped = module
@@ -89,9 +93,15 @@ class TorchBackend:
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, foreach=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return full_tensor(norm)
 
-    def step(self) -> None:
+    def step(self, apply: torch.Tensor | None = None) -> None:
+        """With `apply` (a bool tensor), fused AdamW masks the update on the device through its
+        found_inf input, as GradScaler uses it: no host sync. Other optimizers read it on the host."""
+        fused = bool(self.optimizer.defaults.get("fused"))
+        if apply is not None and not fused and not bool(apply):
+            return self.skip()
+        self.optimizer.found_inf = (~apply).float() if apply is not None and fused else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -103,23 +113,23 @@ class TorchBackend:
 
     # state -------------------------------------------------------------------
 
-    def _state(self) -> dict:
+    def _state(self, extra: Mapping[str, Stateful]) -> dict:
+        """DCP's keys: "module" (model.* and objective.*), "optim", "ema", then each extra object's name."""
         module_state, optim_state = get_state_dict(self.module, self.optimizer)
-        return {"module": module_state, "optim": optim_state, "ema": get_model_state_dict(self.ema),
-                **self.extra_state}
+        return {"module": module_state, "optim": optim_state, "ema": get_model_state_dict(self.ema), **extra}
 
-    def save(self, path: Path, *, asynchronous: bool = False) -> Future | None:
+    def save(self, path: Path, *, extra: Mapping[str, Stateful] = {}, asynchronous: bool = False) -> Future | None:
         """Write the state under directory `path` (collective). With `asynchronous`
         the tensors are staged to CPU memory and written in the background."""
         if asynchronous:
-            result = dcp.async_save(self._state(), checkpoint_id=str(path), process_group=self.async_group)
+            result = dcp.async_save(self._state(extra), checkpoint_id=str(path), process_group=self.async_group)
             return getattr(result, "upload_completion", result)  # newer torch returns a response pair
-        dcp.save(self._state(), checkpoint_id=str(path))
+        dcp.save(self._state(extra), checkpoint_id=str(path))
         return None
 
-    def load(self, path: Path) -> None:
-        state = self._state()
-        dcp_load(state, path)  # never unpickles code from the checkpoint's files
+    def load(self, path: Path, *, extra: Mapping[str, Stateful] = {}) -> None:
+        state = self._state(extra)
+        dcp_load(state, path)  # never unpickles code from the checkpoint's files; loads `extra` in place
         set_state_dict(self.module, self.optimizer, model_state_dict=state["module"], optim_state_dict=state["optim"])
         set_model_state_dict(self.ema, state["ema"])
 

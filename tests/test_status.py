@@ -12,7 +12,7 @@ import pytest
 
 from dtr_scale.config import to_train_config
 from dtr_scale.launch.ledger import append_record
-from dtr_scale.launch.status import format_status, run_status
+from dtr_scale.status import format_status, run_status
 from dtr_scale.provenance import collect_provenance, read_provenance
 from dtr_scale.train.loop import train
 

@@ -1,6 +1,7 @@
 """`dtr-scale status RUN_DIR`: a run's jobs, its last complete checkpoint, its
 throughput, its provenance and its evaluation results, read from the run directory alone.
-People poll it from login nodes: nothing on this path imports torch."""
+People poll it from login nodes: nothing on this path imports torch (the evaluation
+results are plain JSON)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dtr_scale.eval.results import last_evaluation
 from dtr_scale.launch.ledger import ledger_path, read_status
 from dtr_scale.provenance import format_provenance, read_provenance
 from dtr_scale.train.manifest import latest_checkpoint, read_meta
 from dtr_scale.train.metrics import last_logged
-from dtr_scale.train.progress import format_clock, progress, progress_text
+from dtr_scale.train.progress import format_clock, progress, progress_text, throughput_text
 
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
@@ -30,8 +32,6 @@ def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     status["checkpoint_time"] = Path(ckpt).stat().st_mtime if ckpt else None
     last = status["last_logged"]
     status["progress"] = progress(last, time.time() if now is None else now) if last else None
-    from dtr_scale.eval.results import last_evaluation  # plain JSON reading, no torch
-
     status["last_eval"] = last_evaluation(run_dir)
     status["provenance"] = read_provenance(run_dir)
     return status
@@ -48,8 +48,9 @@ def format_status(status: dict[str, Any], results: str | None = None) -> str:
                  else "checkpoint none complete yet")
     last = status["last_logged"]
     if last:
-        lines.append(f"training   step {last['step']}, loss {last['loss']:.4f}, {last['images_per_s']:.1f} images/s, "
-                     f"{last['images_seen']} images seen")
+        per_device = throughput_text(last)
+        lines.append(f"training   step {last['step']}, loss {last['loss']:.4f}, {last['images_per_s']:.1f} images/s"
+                     f"{f' ({per_device})' if per_device else ''}, {last['images_seen']} images seen")
     lines += progress_lines(status)
     lines += format_provenance(status.get("provenance", []))
     if status["jobs"]:

@@ -1,4 +1,5 @@
-"""`dtr-scale train` (= `dtr-train`): train a DiT from the Hydra config in dtr_scale/configs/.
+"""`dtr-scale train` (= `dtr-train`): a whole run from the Hydra config in dtr_scale/configs/:
+train here or submit the job, follow it, evaluate beside it, report at the end.
 
     dtr-train                                   # the embedded main job on the digits
     dtr-train cluster=none world_size=1         # the same, in this process
@@ -10,35 +11,51 @@ With `cluster` set the run is submitted through submitit (local processes or
 SLURM); with cluster=none it trains here (world_size local processes). Either way
 a run resumes from the latest complete checkpoint in its run_dir, refusing a
 setting its checkpoints were not trained with.
+
+This module sits above training, evaluation and launching: it hands the evaluator's
+at-save hook to the trainer (eval.at_save), so training itself knows nothing of either.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import submitit
 import torch
 from omegaconf import DictConfig
 
-from dtr_scale.cli import config_or_exit, exit_config_error, run_hydra
+from dtr_scale.command_line import config_or_exit, exit_config_error, run_hydra
 from dtr_scale.config import ConfigError, TrainConfig, resume_changes
 from dtr_scale.data.synthetic import SyntheticLatents
 from dtr_scale.eval import watcher
-from dtr_scale.eval.cli import run_eval
 from dtr_scale.eval.results import results_table
 from dtr_scale.eval.sample import sample_from_checkpoint
 from dtr_scale.launch.environment import launched_world
 from dtr_scale.launch.follow import JobFailed, follow_job
-from dtr_scale.launch.status import format_status, run_status
+from dtr_scale.launch.launched import train_in_launched_world
 from dtr_scale.launch.submit import submit_training
+from dtr_scale.status import format_status, run_status
 from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
 from dtr_scale.train.components import config_to_dict
-from dtr_scale.train.local import run_processes, train_in_launched_world
-from dtr_scale.train.loop import train
+from dtr_scale.train.local import run_processes
+from dtr_scale.train.loop import TrainResult, train
 
 log = logging.getLogger("dtr_scale")
+
+
+def trainer(cfg: TrainConfig) -> Callable[..., TrainResult]:
+    """train() with the evaluator's at-save hook of `cfg` (eval.at_save); it pickles, so a
+    submitted job takes it along."""
+    return functools.partial(train, on_checkpoint=watcher.at_save_hook(cfg))
+
+
+def submit_run(cfg: TrainConfig) -> submitit.Job:
+    """Submit training of `cfg` on cfg.cluster, with evaluation jobs at save time if cfg asks."""
+    return submit_training(cfg, cfg.cluster, train_fn=trainer(cfg))
 
 
 def prepare_embedded_data(cfg: TrainConfig) -> None:
@@ -75,7 +92,7 @@ def after_training(cfg: TrainConfig) -> None:
         if cfg.sample_at_end > 0:
             report_synthetic_samples(cfg)
     elif cfg.eval.inline:
-        run_eval(cfg)  # the due checkpoints not scored yet, and the final one; table and plot
+        watcher.run_eval(cfg)  # the due checkpoints not scored yet, and the final one; table and plot
         log.info("\n%s", format_status(run_status(cfg.run_dir), results_table(cfg.run_dir)))
 
 
@@ -90,12 +107,13 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def run_training(cfg: TrainConfig) -> None:
     """Train `cfg` here or as a submitted job; when this process sees the end, evaluate."""
     cfg = absolute_paths(cfg)
+    at_save = watcher.at_save_hook(cfg)
     launched = launched_world()
     if launched is not None:  # torchrun or a plain srun started this process as one rank: join that world
         if cfg.cluster is not None:
             log.info("RANK %s of WORLD_SIZE %s set by the launcher: training here, not on cluster.kind=%s",
                      launched["RANK"], launched["WORLD_SIZE"], cfg.cluster.kind)
-        train_in_launched_world(cfg, launched, prepare=prepare_embedded_data)
+        train_in_launched_world(cfg, launched, prepare=prepare_embedded_data, on_checkpoint=at_save)
         if launched["RANK"] == "0":
             log.info("training finished at step %d (run dir %s)", cfg.steps, cfg.run_dir)
             after_training(cfg)
@@ -103,12 +121,12 @@ def run_training(cfg: TrainConfig) -> None:
     prepare_embedded_data(cfg)
     if cfg.cluster is None:
         if cfg.world_size == 1:
-            train(cfg)
+            train(cfg, on_checkpoint=at_save)
         else:
             log.info("training on %d local processes (gloo)", cfg.world_size)
-            run_processes(cfg, cfg.world_size)
+            run_processes(cfg, cfg.world_size, on_checkpoint=at_save)
     else:
-        job = submit_training(cfg, cfg.cluster)
+        job = submit_run(cfg)
         log.info("submitted job %s (%s, %d processes); run dir %s", job.job_id, cfg.cluster.kind,
                  cfg.world_size, cfg.run_dir)
         if not cfg.cluster.follows:

@@ -14,7 +14,7 @@ import pytest
 
 from dtr_scale.eval.results import append_result
 from dtr_scale.launch.ledger import append_record
-from dtr_scale.launch.status import format_status, run_status
+from dtr_scale.status import format_status, run_status
 from dtr_scale.train.metrics import metrics_path
 
 SETTINGS = {"averaging": "ema", "sampler": "ddpm", "sampling_steps": 50, "cfg_scale": 1.5, "guided_channels": "all",
@@ -45,6 +45,15 @@ def test_status_shows_percent_eta_and_the_last_evaluation(running):
     assert "progress   25.0% of 1200 steps, ETA 0:06:40 (about " in text and ", 2.00 steps/s" in text
     assert "128.0 images/s" in text
     assert "evaluated  digits_fd 512.25 at step 200 (ema)" in text  # the newest step, not the newest line
+
+
+def test_status_shows_images_per_device_and_mfu_of_the_last_record(running):
+    run_dir, logged = running
+    with open(metrics_path(run_dir), "a") as f:
+        f.write(json.dumps({"step": 400, "loss": 0.5, "images_seen": 25600, "images_per_s": 1280.0, "total_steps": 1200,
+                            "images_per_s_per_device": 640.0, "mfu": 0.4606, "time": logged}) + "\n")
+    text = format_status(run_status(run_dir, now=logged))
+    assert "training   step 400, loss 0.5000, 1280.0 images/s (640.0 images/s per device, MFU 46.1%)" in text
 
 
 def test_a_finished_or_failed_job_shows_no_eta(running):

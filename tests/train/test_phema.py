@@ -6,7 +6,7 @@ import scipy.integrate
 import torch
 from torch import nn
 
-from dtr_scale.eval.phema import (
+from dtr_scale.train.phema import (
     MAX_STD,
     PowerFunctionEMA,
     average_state_dicts,

@@ -1,0 +1,98 @@
+"""One evaluation's identity: the settings that, with a checkpoint step and an averaging,
+decide a result. From them come the result key (what results.jsonl is deduplicated by), the
+samples folder and the sample spec, so a new sampler option is one field here.
+
+Plain Python (no torch): `dtr-scale status` reads results through this module on login nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dtr_scale.config import ModelConfig, TrainConfig
+    from dtr_scale.eval.generate import SampleSpec
+
+NOT_IN_KEY = {"in_key": False}  # field metadata: decides the samples, not which result they give
+
+
+class EvaluationError(ValueError):
+    """A run or setting the evaluator cannot score; the message says what to set."""
+
+
+def eval_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "eval"
+
+
+def require_images(cfg: TrainConfig) -> None:
+    if cfg.data.kind != "shards":
+        raise EvaluationError(f"data.kind={cfg.data.kind} has no images to decode latents into; the evaluator "
+                              "scores runs on image datasets (data=digits, or shards prepared with dtr-prep)")
+
+
+def reference_name(cfg: TrainConfig) -> str:
+    """What the samples are compared with: the reference batch's file name, or "digits"."""
+    require_images(cfg)
+    if cfg.eval.reference:
+        return Path(cfg.eval.reference).name
+    if cfg.data.embedded:
+        return "digits"
+    raise EvaluationError("eval.reference is not set: point it at an ADM reference batch (.npz, e.g. "
+                          "VIRTUAL_imagenet256_labeled.npz); only the embedded digits are scored without one")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The sampler, the sample count and the reference of an evaluation, read from a config once."""
+
+    sampler: str
+    sampling_steps: int
+    cfg_scale: float
+    guided_channels: str
+    ddim_eta: float
+    num_samples: int
+    labels: str
+    seed: int
+    reference: str
+    chunk_size: int = field(default=64, metadata=NOT_IN_KEY)  # a job with another size starts its own folder
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> EvalSettings:
+        """cfg's evaluation settings; EvaluationError where the run has nothing to score against."""
+        d, e = cfg.diffusion, cfg.eval
+        return cls(sampler=d.sampler, sampling_steps=d.sampling_steps, cfg_scale=d.cfg_scale,
+                   guided_channels=d.guided_channels, ddim_eta=d.ddim_eta, num_samples=e.num_samples,
+                   labels=e.labels, seed=e.seed, reference=reference_name(cfg), chunk_size=e.batch_size)
+
+    def record_fields(self) -> dict[str, Any]:
+        """The settings a result record carries (its key, with the step and the averaging)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("in_key", True)}
+
+    def result_key(self, step: int, averaging: str) -> tuple:
+        return (step, averaging, *self.record_fields().values())
+
+    def samples_folder(self, run_dir: str | Path, step: int, averaging: str) -> Path:
+        """RUN_DIR/eval/samples/step_00000200-ema-ddpm250-cfg1.5-<hash of all settings>."""
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        name = (f"step_{step:08d}-{averaging.replace(':', '')}-{self.sampler}{self.sampling_steps}"
+                f"-cfg{self.cfg_scale:g}-{digest}")
+        return eval_dir(run_dir) / "samples" / name
+
+    def sample_spec(self, model: ModelConfig, step: int, averaging: str) -> SampleSpec:
+        """What to draw: the model's classes and latent shape, with these settings' sampler and counts."""
+        from dtr_scale.eval.generate import SampleSpec
+
+        return SampleSpec(weights=f"step_{step:08d}/{averaging}", num_samples=self.num_samples,
+                          chunk_size=self.chunk_size, num_classes=model.num_classes,
+                          latent_shape=(model.in_channels, model.input_size, model.input_size), labels=self.labels,
+                          seed=self.seed, sampler=self.sampler, sampling_steps=self.sampling_steps,
+                          cfg_scale=self.cfg_scale, guided_channels=self.guided_channels, ddim_eta=self.ddim_eta)
+
+
+# What identifies a result: a record with the same values is never computed again.
+KEY_FIELDS = ("step", "averaging", *(f.name for f in dataclasses.fields(EvalSettings) if f.metadata.get("in_key", True)))
