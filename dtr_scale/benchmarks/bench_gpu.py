@@ -243,7 +243,8 @@ class Bench:
 
     def run(self, name: str, section: Callable[[], Any], need_s: float) -> None:
         if self.left_s() < need_s:
-            self.report["skipped"][name] = f"time budget: {self.left_s():.0f} s left of {self.budget_s:.0f}, needs ~{need_s:.0f}"
+            self.report["skipped"][name] = (f"time budget: {self.left_s():.0f} s left of {self.budget_s:.0f}, "
+                                            f"needs ~{need_s:.0f}")
         else:
             began = time.perf_counter()
             try:
@@ -298,7 +299,8 @@ class Bench:
         with one_process_group(cfg.device):
             for name in ("ddp", "fsdp"):
                 run = replace(cfg, backend=replace(cfg.backend, name=name))
-                out[name] = without_losses(time_training(run, self.spec, steps=self.spec.steps, warmup=self.spec.warmup))
+                timed = time_training(run, self.spec, steps=self.spec.steps, warmup=self.spec.warmup)
+                out[name] = without_losses(timed)
         out["fsdp_vs_ddp_step_time"] = out["fsdp"]["step_ms"] / out["ddp"]["step_ms"]
         return out
 
@@ -358,7 +360,8 @@ class Bench:
         per_step = (time.perf_counter() - began) / self.spec.sample_steps
         images_per_s = len(labels) / (per_step * diffusion.num_timesteps)
         tf32 = cfg.device == "cuda" and torch.backends.cuda.matmul.allow_tf32
-        return {"model": cfg.model.name, "sampler": f"ddpm-{diffusion.num_timesteps}", "cfg_scale": cfg.diffusion.cfg_scale,
+        return {"model": cfg.model.name, "sampler": f"ddpm-{diffusion.num_timesteps}",
+                "cfg_scale": cfg.diffusion.cfg_scale,
                 "batch": len(labels), "precision": "fp32 (TF32 matmuls)" if tf32 else "fp32",
                 "steps_timed": self.spec.sample_steps,
                 "step_s": per_step, "images_per_s": images_per_s,
@@ -384,13 +387,15 @@ class Bench:
                 "ok": diff <= BF16_TOLERANCE}
 
     def compile_vs_eager(self) -> dict[str, Any]:
-        cfg = bench_config(self.spec, self.work / "compile", self.spec.check_model, self.spec.check_batch, precision="fp32")
+        cfg = bench_config(self.spec, self.work / "compile", self.spec.check_model, self.spec.check_batch,
+                           precision="fp32")
         cfg = replace(cfg, backend=replace(cfg.backend, tf32=False))
         eager = time_training(replace(cfg, backend=replace(cfg.backend, compile=False)), self.spec, steps=5, warmup=0,
                               compile=False)["losses"]
         compiled = time_training(cfg, self.spec, steps=5, warmup=0)["losses"]
         diff = max(abs(a - b) / abs(a) for a, b in zip(eager, compiled))
-        return {"model": cfg.model.name, "eager": eager, "compiled": compiled, "compile_backend": self.spec.compile_backend,
+        return {"model": cfg.model.name, "eager": eager, "compiled": compiled,
+                "compile_backend": self.spec.compile_backend,
                 "max_relative_difference": diff, "tolerance": COMPILE_TOLERANCE, "equal": diff <= COMPILE_TOLERANCE}
 
     def loop_config(self, name: str, steps: int, **kwargs: Any) -> TrainConfig:
@@ -497,7 +502,8 @@ def calibration_entries(report: dict[str, Any], spec: Spec) -> list[dict[str, An
     entries = []
     for row in report.get("throughput", []):
         precision = "bf16"
-        source = (f"measured on {meta['device_name']}, {meta['date']}: dtr-bench gpu{' --smoke' if spec.smoke else ''}, "
+        command = "dtr-bench gpu --smoke" if spec.smoke else "dtr-bench gpu"
+        source = (f"measured on {meta['device_name']}, {meta['date']}: {command}, "
                   f"DTR + ANT-UW at per-GPU batch {row['batch']}, {row['switches']}, torch {meta['torch']}, "
                   f"commit {meta['commit'] or 'unknown'}")
         entries.append({"gpu": meta["gpu_type"] or f"unknown ({meta['device_name']}: add it to dtr_scale/hardware.py)",

@@ -21,6 +21,7 @@ from dtr_scale.eval.metrics import class_accuracy, feature_statistics, frechet_d
 from dtr_scale.io import atomic_write
 
 DIGITS_CLASSIFIER_FILENAME = "digits_classifier.pt"
+FLOOR_SPLITS = 10  # random halvings averaged for digits-FD's floor (one halving varies by about +-25%)
 
 
 class DigitsClassifier(FeatureNetwork):
@@ -112,11 +113,25 @@ def load_digits_classifier(path: str | Path | None = None, image_size: int = 16,
     return net.eval().requires_grad_(False)
 
 
+def half_split_fd(features: np.ndarray, splits: int = FLOOR_SPLITS, seed: int = 0) -> float:
+    """digits-FD's floor: the FD between two disjoint random halves of the real digits' features,
+    averaged over `splits` halvings. Real digits against real digits score this much, so a model's
+    digits-FD means something only beside it."""
+    rng = np.random.default_rng(seed)
+    distances = []
+    for _ in range(splits):
+        half_a, half_b = np.array_split(rng.permutation(len(features)), 2)
+        distances.append(frechet_distance(*feature_statistics(features[half_a]),
+                                          *feature_statistics(features[half_b])))
+    return float(np.mean(distances))
+
+
 def digits_scores(images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """images: uint8 [N, 16, 16, 3] samples drawn for `labels`; against all 1,797 real digits."""
+    """images: uint8 [N, 16, 16, 3] samples drawn for `labels`; against all 1,797 real digits.
+    `digits_fd_floor` is the same distance between two halves of the real digits (half_split_fd)."""
     net = load_digits_classifier()
     real, _ = load_digits_images(size=images.shape[1])
     fake_out, real_out = net.extract(images), net.extract(real)
     fd = frechet_distance(*feature_statistics(fake_out["pool"]), *feature_statistics(real_out["pool"]))
     return {"digits_fd": float(fd), "class_accuracy": float(class_accuracy(fake_out["logits"], labels)),
-            "num_samples": int(len(images))}
+            "digits_fd_floor": half_split_fd(real_out["pool"]), "num_samples": int(len(images))}

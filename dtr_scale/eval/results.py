@@ -126,6 +126,10 @@ def results_table(run_dir: str | Path) -> str:
     for r in records:
         cells = [str(r[c]) for c in SETTINGS_COLUMNS] + [format_metric(m, r.get(m)) for m in metrics]
         lines.append("| " + " | ".join([*cells, f"{r.get('wall_s', 0.0):.1f}"]) + " |")
+    floors = {r["digits_fd_floor"] for r in records if r.get("digits_fd_floor") is not None}
+    if floors:
+        lines.append(f"\ndigits-FD floor {max(floors):.2f}: the digits-FD between two halves of the real digits "
+                     "(the mean over random halvings): what real digits score against real digits")
     return "\n".join(lines)
 
 

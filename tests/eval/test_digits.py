@@ -69,3 +69,19 @@ def test_digits_classifier_training_is_deterministic():
 def test_digits_classifier_rejects_other_image_sizes():
     with pytest.raises(ValueError, match="16, 16"):
         DigitsClassifier(16).extract(np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_the_floor_is_the_mean_fd_of_random_halves_and_scores_report_it(digits_net, digits):
+    images, labels = digits
+    features = digits_net.extract(images)["pool"]
+    rng = np.random.default_rng(7)
+    expected = []
+    for _ in range(3):
+        half_a, half_b = np.array_split(rng.permutation(len(features)), 2)
+        expected.append(frechet_distance(*feature_statistics(features[half_a]), *feature_statistics(features[half_b])))
+    assert digits_module.half_split_fd(features, splits=3, seed=7) == pytest.approx(np.mean(expected), rel=1e-12)
+    with mock.patch.object(digits_module, "load_digits_classifier", return_value=digits_net):
+        scores = digits_module.digits_scores(images[:500], labels[:500])
+    assert scores["digits_fd_floor"] == pytest.approx(digits_module.half_split_fd(features), rel=1e-12)
+    # 500 real digits against all of them: the floor's size, not a model's (a model's is far above)
+    assert 0 < scores["digits_fd"] < 2 * scores["digits_fd_floor"] and scores["class_accuracy"] > 0.95

@@ -47,6 +47,16 @@ def test_table_is_sorted_by_step_and_holds_the_numbers(run_dir):
     assert "8.24" in lines[5] and "digits_fd" not in lines[0]  # only the metrics the records have
 
 
+def test_digits_tables_end_with_the_floor_beside_the_numbers(tmp_path):
+    digits = {**SETTINGS, "reference": "digits", "num_samples": 500}
+    for step, fd in ((200, 96.5), (400, 41.25)):
+        append_result(tmp_path, {"step": step, "averaging": "ema", **digits, "digits_fd": fd, "class_accuracy": 0.9,
+                                 "digits_fd_floor": 17.28, "wall_s": 3.0})
+    lines = results_table(tmp_path).splitlines()
+    assert "| digits_fd | class_accuracy |" in lines[0] and "digits_fd_floor" not in lines[0]
+    assert "41.25" in lines[3] and lines[-1].startswith("digits-FD floor 17.28: ")
+
+
 def test_no_results_no_table(tmp_path):
     assert results_table(tmp_path) == ""
 

@@ -270,8 +270,10 @@ def test_zero_stages_match_one_process_skip_and_resume_across_world_sizes(tiny_c
     assert math.isnan(two["z3"]["losses"][SKIP_AT]) and math.isinf(two["z3"]["norms"][SKIP_AT])
     assert_same_run(two["z3_checkpointed"], ref_skip, what="ZeRO-3, activation checkpointing, skip")
     assert two["z3"]["param_groups"] == [("model", 1e-3, 0.0), ("uw", 0.025, 0.0)]
-    # bf16 autocast: the same run to bf16 precision, and not the fp32 numbers
-    assert_same_run(two["z2_bf16"], ref, tol=dict(rtol=2e-2, atol=2e-3), what="ZeRO-2 bf16")
+    # bf16 autocast: the same run to bf16 precision, and not the fp32 numbers. Adam moves a weight by
+    # about lr (1e-3) per step whatever its gradient's size, so where bf16 flips the sign of a near-zero
+    # gradient the weight goes the other way: atol allows that in up to 5 of the 10 steps.
+    assert_same_run(two["z2_bf16"], ref, tol=dict(rtol=2e-2, atol=5e-3), what="ZeRO-2 bf16")
     assert two["z2_bf16"]["losses"] != two["z1"]["losses"]
     # (2) resumed on the same world size: bitwise the uninterrupted run
     assert_same_run(two["z3_resumed"], two["z3"], slice(SAVE_AT, None), tol=dict(rtol=0, atol=0), what="ZeRO-3 2->2")
