@@ -432,7 +432,7 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
 # logging, checkpoint policy, data.path of moved shards) may change when a run is resumed.
 RESUME_FIXED = ("model", "routing", "weighting", "diffusion.num_timesteps", "diffusion.schedule",
                 "diffusion.learn_sigma", "diffusion.prediction", "data.kind", "data.format", "data.embedded",
-                "data.num_samples", "data.noise_std", "seed", "global_batch_size")
+                "data.hflip", "data.num_samples", "data.noise_std", "seed", "global_batch_size")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -3,7 +3,7 @@ train here or submit the job, follow it, evaluate beside it, report at the end.
 
     dtr-train                                   # the embedded main job on the digits
     dtr-train cluster=none world_size=1         # the same, in this process
-    dtr-train run_dir=runs/my_run steps=2000    # resume runs/my_run and train on to step 2000
+    dtr-train run_dir=runs/my_run steps=5000    # resume runs/my_run and train on to step 5000
     dtr-train experiment=dtr_paper/dit_l2_dtr_antuw_2m cluster=my_slurm
     dtr-train --help                            # config groups and options
 

@@ -120,11 +120,12 @@ def test_a_resume_refuses_what_its_checkpoints_were_not_trained_with_and_allows_
     changed = config_to_dict(composed("steps=3000", "eval.every=100", "cluster.time_min=30", "logging.every=10",
                                       "checkpoint.every=100", "diffusion.cfg_scale=4.0", "world_size=4",
                                       "model.depth=6", "seed=1", "global_batch_size=128", "data.format=webdataset",
-                                      "routing.beta=0.5", "weighting=min_snr", "diffusion.schedule=cosine"))
+                                      "data.hflip=true", "routing.beta=0.5", "weighting=min_snr", "diffusion.schedule=cosine"))
     breaking, harmless = resume_changes(saved, changed)
-    assert breaking == ["data.format: 'mds' -> 'webdataset'", "diffusion.schedule: 'linear' -> 'cosine'",
+    assert breaking == ["data.format: 'mds' -> 'webdataset'", "data.hflip: False -> True",
+                        "diffusion.schedule: 'linear' -> 'cosine'",
                         "global_batch_size: 64 -> 128", "model.depth: 4 -> 6", "routing.beta: 0.8 -> 0.5",
                         "seed: 0 -> 1", "weighting.kind: 'ant_uw' -> 'min_snr'", "weighting.stratified: True -> False"]
-    assert harmless == ["checkpoint.every: 200 -> 100",
-                        "cluster.tasks_per_node: 2 -> 4", "cluster.time_min: 1440 -> 30", "diffusion.cfg_scale: 1.5 -> 4.0", "eval.every: 200 -> 100",
-                        "logging.every: 50 -> 10", "steps: 1000 -> 3000", "world_size: 2 -> 4"]
+    assert harmless == ["checkpoint.every: 500 -> 100",
+                        "cluster.tasks_per_node: 2 -> 4", "cluster.time_min: 1440 -> 30", "diffusion.cfg_scale: 1.5 -> 4.0", "eval.every: 500 -> 100",
+                        "logging.every: 50 -> 10", "steps: 2500 -> 3000", "world_size: 2 -> 4"]

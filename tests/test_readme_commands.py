@@ -183,7 +183,7 @@ def in_process(command: str, workspace: Path, install: None, main_run: Path) -> 
 
 def resumed(command: str, workspace: Path, install: None, main_run: Path) -> None:
     """`run_dir=RUN` resumes RUN, and Hydra's outputs go there, not to a new runs/DATE/TIME."""
-    args = [a.replace("steps=2000", "steps=20") for a in argv(fill(command, main_run))]
+    args = [a.replace("steps=5000", "steps=20") for a in argv(fill(command, main_run))]
     dtr_scale(*args, *SHORT, cwd=workspace)
     jobs = [(r["state"], r["start_step"], r.get("end_step")) for r in read_records(main_run)]
     assert jobs[:4] == [("running", 0, None), ("finished", 0, 10), ("running", 10, None), ("finished", 10, 20)]
@@ -194,7 +194,7 @@ def resumed(command: str, workspace: Path, install: None, main_run: Path) -> Non
 def evaluated(command: str, workspace: Path, install: None, main_run: Path) -> None:
     """`eval` with a group override (diffusion=linear: that group's settings, then keys on top)."""
     if not (main_run / "checkpoints" / "step_00000020").is_dir():
-        resumed("dtr-scale train run_dir=RUN steps=2000", workspace, install, main_run)
+        resumed("dtr-scale train run_dir=RUN steps=5000", workspace, install, main_run)
     dtr_scale(*argv(fill(command, main_run)), "eval.num_samples=20", "eval.batch_size=10", cwd=workspace)
     raw = [r for r in read_results(main_run) if r["averaging"] == "raw"]
     assert [(r["step"], r["sampling_steps"], r["num_samples"]) for r in raw] == [(20, 5, 20)]
@@ -202,7 +202,7 @@ def evaluated(command: str, workspace: Path, install: None, main_run: Path) -> N
 
 def exported(command: str, workspace: Path, install: None, main_run: Path) -> None:
     if not (main_run / "checkpoints" / "step_00000020").is_dir():
-        resumed("dtr-scale train run_dir=RUN steps=2000", workspace, install, main_run)
+        resumed("dtr-scale train run_dir=RUN steps=5000", workspace, install, main_run)
     dtr_scale(*argv(fill(command, main_run)), cwd=workspace)
     assert (workspace / "dit_l2_dtr_antuw_2m.safetensors").stat().st_size > 0
 
@@ -269,7 +269,7 @@ COMMANDS: dict[str, Runner] = {
     "dtr-bench reliability": help_of,
     # The user's path through the rest of README's text (lines README is to show as commands)
     "dtr-scale train cluster=none world_size=1 steps=200": in_process,
-    "dtr-scale train run_dir=RUN steps=2000": resumed,
+    "dtr-scale train run_dir=RUN steps=5000": resumed,
     "dtr-scale train experiment=dtr_paper/dit_l2_dtr_antuw_2m cluster=my_slurm data.path=/data/latents/in256 "
     "eval.at_save=true": composed_and_planned,
     "dtr-scale eval run_dir=RUN --checkpoint 20 diffusion=linear diffusion.sampling_steps=5 eval.averaging=[raw]":
