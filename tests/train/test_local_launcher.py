@@ -43,9 +43,10 @@ def listening_addresses(pids: set[int]) -> set[str]:
 
 
 def test_two_local_ranks_listen_on_loopback_and_both_log_tagged_lines(tiny_config, tmp_path, capfd):
-    cfg = tiny_config(run_dir=str(tmp_path / "run"), steps=4, world_size=2, phema_stds=[],
-                      **{"checkpoint.every": 2})
-    run_processes(cfg, 2, stop_at=2)  # a checkpoint at step 2, for the resume below
+    # ranks agree on a stop every STOP_POLL_EVERY (4) steps: stop at step 4 with a checkpoint there
+    cfg = tiny_config(run_dir=str(tmp_path / "run"), steps=8, world_size=2, phema_stds=[],
+                      **{"checkpoint.every": 4})
+    run_processes(cfg, 2, stop_at=4)  # a checkpoint at step 4, for the resume below
     seen: set[str] = set()
     done = threading.Event()
 
@@ -65,5 +66,5 @@ def test_two_local_ranks_listen_on_loopback_and_both_log_tagged_lines(tiny_confi
     assert {address.split(":")[0] for address in seen} <= LOOPBACK, seen
     err = capfd.readouterr().err
     for rank in (0, 1):
-        assert any(line.startswith(f"[rank {rank}]") and "resumed at step 2" in line
+        assert any(line.startswith(f"[rank {rank}]") and "resumed at step 4" in line
                    for line in err.splitlines()), err[-3000:]
