@@ -267,6 +267,7 @@ COMMANDS: dict[str, Runner] = {
     "dtr-bench routing": help_of,
     "dtr-bench data": help_of,
     "dtr-bench reliability": help_of,
+    "dtr-bench gpu": help_of,
     # The user's path through the rest of README's text (lines README is to show as commands)
     "dtr-scale train cluster=none world_size=1 steps=200": in_process,
     "dtr-scale train run_dir=RUN steps=5000": resumed,
