@@ -258,8 +258,8 @@ COMMANDS: dict[str, Runner] = {
     "srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 dtr-scale train cluster=none world_size=16 "
     "run_dir=runs/my_run experiment=dtr_paper/dit_l2_dtr_antuw_2m": shown_config,
     # The paper in miniature
-    "dtr-scale train -m experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw,miniature/dtr_nash "
-    "seed=0,1,2": composed_and_planned,
+    "dtr-scale train -m seed=0,1,2 experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw,"
+    "miniature/dtr_nash": composed_and_planned,
     "dtr-scale compare multirun/DATE/TIME": compared,
     # Benchmarks
     "dtr-bench train": help_of,

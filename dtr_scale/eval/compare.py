@@ -1,7 +1,7 @@
 """`dtr-scale compare`: several runs' evaluation results side by side (tables and a plot),
 e.g. the runs of the paper in miniature, three seeds each:
 
-    dtr-scale train -m experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw seed=0,1,2
+    dtr-scale train -m seed=0,1,2 experiment=miniature/vanilla,miniature/dtr,miniature/dtr_antuw,miniature/dtr_nash
     dtr-scale compare multirun/DATE/TIME            # its runs: the numbered subfolders
 
 Runs are grouped by the settings that differ between their configs (routing, weighting, ...)
