@@ -1,5 +1,5 @@
 # Helpers shared by the start and stop scripts of both clusters (sourced, not run).
-# Expects STATE and die(). Every daemon a cluster starts is recorded as
+# Expects STATE and die(); start_mariadb also launch(), db(), DB_SOCKET, DB_PORT, DB_PASS. Every daemon a cluster starts is recorded as
 # $STATE/started/NAME holding "PID [COMM]" (COMM defaults to NAME: the name a
 # node's slurmd-node1 runs under is slurmd), and only those are ever stopped.
 
@@ -65,4 +65,48 @@ stop_started() {  # TERM the recorded daemons group by group, KILL what is left 
       echo "stopped $name (pid $pid)"
     done
   done
+}
+
+start_mariadb() {  # start_mariadb [COMMAND PREFIX...] -- [MARIADBD OPTION...]: the accounting database
+  local prefix=()
+  while [ "$1" != "--" ]; do prefix+=("$1"); shift; done
+  shift
+  install -d -o mysql -g mysql -m 755 "$STATE/mysql-run"
+  if ! alive mariadbd "$STATE/mysql-run/mariadb.pid"; then
+    if [ ! -d "$STATE/mysql/mysql" ]; then
+      install -d -o mysql -g mysql -m 700 "$STATE/mysql"
+      mariadb-install-db --no-defaults --user=mysql --datadir="$STATE/mysql" --skip-test-db \
+        >"$STATE/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed; see $STATE/log/mariadb-install.log"
+    fi
+    launch "${prefix[@]}" setsid -f mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" \
+      --socket="$DB_SOCKET" --pid-file="$STATE/mysql-run/mariadb.pid" --bind-address=127.0.0.1 \
+      --port="$DB_PORT" --log-error="$STATE/log/mariadb.log" "$@"
+    wait_for mariadbd 30 "$STATE/log/mariadb.log" db -e "select 1"
+    record mariadbd "$STATE/mysql-run/mariadb.pid"
+  fi
+  db <<SQL
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+SQL
+}
+
+cancel_jobs() {  # cancel_jobs [COMMAND PREFIX...]: cancel every job and wait up to 15 s for them to end
+  local jobs _
+  # Job steps outlive slurmd; cancel them while the controller can still reach them.
+  jobs=$("$@" squeue -h -o %A 2>/dev/null || true)
+  [ -n "$jobs" ] && { "$@" scancel $jobs >/dev/null 2>&1 || true; }
+  for _ in $(seq 75); do
+    [ -z "$("$@" squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null)" ] && break
+    sleep 0.2
+  done
+}
+
+lock_for_stop() {  # lock_for_stop SCRIPT: as root, with daemons recorded, hold the state lock (fd 9); else exit
+  [ "$(id -u)" = 0 ] || die "must run as root (the daemons, munge and the namespaces are root's)"
+  [ -d "$STATE/started" ] || { echo "$1: nothing to stop ($STATE/started missing)"; exit 0; }
+  exec 9>"$STATE/lock"
+  flock 9
 }

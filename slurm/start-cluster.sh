@@ -112,29 +112,6 @@ launch() { "$@" </dev/null >>"$STATE/log/launch.log" 2>&1 9>&-; }
 
 db() { mariadb --no-defaults --socket="$DB_SOCKET" -u root "$@"; }
 
-start_mariadb() {
-  install -d -o mysql -g mysql -m 755 "$STATE/mysql-run"
-  if ! alive mariadbd "$STATE/mysql-run/mariadb.pid"; then
-    if [ ! -d "$STATE/mysql/mysql" ]; then
-      install -d -o mysql -g mysql -m 700 "$STATE/mysql"
-      mariadb-install-db --no-defaults --user=mysql --datadir="$STATE/mysql" --skip-test-db \
-        >"$STATE/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed; see $STATE/log/mariadb-install.log"
-    fi
-    launch setsid -f mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" --socket="$DB_SOCKET" \
-      --pid-file="$STATE/mysql-run/mariadb.pid" --bind-address=127.0.0.1 --port="$DB_PORT" \
-      --log-error="$STATE/log/mariadb.log" --innodb-lock-wait-timeout=900 --innodb-buffer-pool-size=128M
-    wait_for "mariadbd" 30 "$STATE/log/mariadb.log" db -e "select 1"
-    record mariadbd "$STATE/mysql-run/mariadb.pid"
-  fi
-  db <<SQL
-CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
-CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
-GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
-GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
-SQL
-}
-
 start_slurmdbd() {
   if ! alive slurmdbd "$STATE/run/slurmdbd.pid"; then
     launch slurmdbd
@@ -175,7 +152,7 @@ install_packages
 [ "$NODES" = 1 ] || { exec 9>&-; exec bash "$HERE/start-nodes.sh" "nodes=$NODES"; }
 write_configs
 start_munge
-start_mariadb
+start_mariadb -- --innodb-lock-wait-timeout=900 --innodb-buffer-pool-size=128M
 start_slurmdbd
 start_slurmctld
 start_slurmd

@@ -197,27 +197,6 @@ start_munge() {
   wait_for munged 10 "$STATE/munge/munged.log" sh -c "munge --socket='$MSOCK' -n | unmunge --socket='$MSOCK'"
 }
 
-start_mariadb() {
-  install -d -o mysql -g mysql -m 755 "$STATE/mysql-run"
-  if ! alive mariadbd "$STATE/mysql-run/mariadb.pid"; then
-    if [ ! -d "$STATE/mysql/mysql" ]; then
-      install -d -o mysql -g mysql -m 700 "$STATE/mysql"
-      mariadb-install-db --no-defaults --user=mysql --datadir="$STATE/mysql" --skip-test-db \
-        >"$STATE/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed; see $STATE/log/mariadb-install.log"
-    fi
-    launch "${HEAD[@]}" setsid -f mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" \
-      --socket="$DB_SOCKET" --pid-file="$STATE/mysql-run/mariadb.pid" --bind-address=127.0.0.1 \
-      --port="$DB_PORT" --log-error="$STATE/log/mariadb.log" --innodb-buffer-pool-size=64M --skip-log-bin
-    wait_for mariadbd 30 "$STATE/log/mariadb.log" db -e "select 1"
-    record mariadbd "$STATE/mysql-run/mariadb.pid"
-  fi
-  db <<SQL
-CREATE DATABASE IF NOT EXISTS slurm_acct_db;
-CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
-GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
-SQL
-}
-
 start_slurmdbd() {
   if ! alive slurmdbd "$STATE/run/slurmdbd.pid"; then
     launch "${HEAD[@]}" slurmdbd
@@ -283,7 +262,7 @@ subnet_unreachable_here
 namespaces_up
 write_configs
 start_munge
-start_mariadb
+start_mariadb "${HEAD[@]}" -- --innodb-buffer-pool-size=64M --skip-log-bin
 start_slurmdbd
 start_slurmctld
 for n in "${NODES[@]}"; do start_slurmd "$n"; done

@@ -9,25 +9,12 @@ STATE=${DTR_SLURM_NODES_STATE:-/var/lib/dtr-scale-slurm-nodes}
 NSP=${DTR_SLURM_NS:-dtrn}
 NET=${DTR_SLURM_NET:-10.77.0}
 die() { echo "stop-nodes.sh: $*" >&2; exit 1; }
-
-[ "$(id -u)" = 0 ] || die "must run as root (the daemons and namespaces are root's)"
-[ -d "$STATE/started" ] || { echo "stop-nodes.sh: nothing to stop ($STATE/started missing)"; exit 0; }
-exec 9>"$STATE/lock"
-flock 9
-
 # shellcheck source=slurm/daemons.sh
 source "$HERE/daemons.sh"
+lock_for_stop stop-nodes.sh
 
-if started_pid slurmctld >/dev/null; then
-  # Job steps outlive slurmd; cancel them while the controller can still reach them.
-  client=(env SLURM_CONF="$STATE/etc/slurm/slurm.conf" nsenter --net="/run/netns/$NSP-head" --)
-  jobs=$("${client[@]}" squeue -h -o %A 2>/dev/null || true)
-  [ -n "$jobs" ] && { "${client[@]}" scancel $jobs >/dev/null 2>&1 || true; }
-  for _ in $(seq 75); do
-    [ -z "$("${client[@]}" squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null)" ] && break
-    sleep 0.2
-  done
-fi
+started_pid slurmctld >/dev/null &&
+  cancel_jobs env SLURM_CONF="$STATE/etc/slurm/slurm.conf" nsenter --net="/run/netns/$NSP-head" --
 stop_started
 for ns in $(ip netns list | awk '{print $1}' | grep -E "^$NSP-(node[0-9]+|head)\$" | sort -r); do
   left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
