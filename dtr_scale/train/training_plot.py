@@ -114,6 +114,9 @@ class TrainingPlotter:
                 (self.run_dir / f".{TRAINING_PNG}.tmp-{self.child.pid}").unlink(missing_ok=True)  # its half-written one
                 self.child = None
         self._check_last()
+        errors = self.run_dir / PLOT_ERRORS
+        if errors.is_file() and errors.stat().st_size == 0:
+            errors.unlink()  # every drawing went well: nothing to keep
         try:
             return plot_training(self.metrics_file, checkpoint_steps(self.run_dir), self.run_dir / TRAINING_PNG)
         except (OSError, ValueError) as err:  # a finished run is not failed for its picture

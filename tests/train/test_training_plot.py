@@ -11,7 +11,7 @@ from PIL import Image
 
 from dtr_scale.train.loop import train
 from dtr_scale.train.metrics import metrics_path
-from dtr_scale.train.training_plot import TRAINING_PNG, TrainingPlotter, plot_training, training_panels
+from dtr_scale.train.training_plot import PLOT_ERRORS, TRAINING_PNG, TrainingPlotter, plot_training, training_panels
 
 RECORDS = [{"step": s, "loss": 1.0 / s, "unweighted_loss": 2.0 / s, "interval_losses": [0.1 * s, 0.2, 0.3],
             "uw_weights": [0.5, 0.5 + s / 100, 0.4]} for s in (10, 20, 30)]
@@ -65,7 +65,9 @@ def test_a_log_step_that_finds_a_drawing_running_skips(tmp_path):
     plotter = TrainingPlotter(tmp_path, metrics_path(tmp_path), min_interval_s=0.0)
     assert plotter.update() and not plotter.update()  # the first one is still starting up
     assert (plotter.started, plotter.skipped) == (1, 1)
+    assert (tmp_path / PLOT_ERRORS).is_file()  # the running drawing's stderr
     assert plotter.finish() == tmp_path / TRAINING_PNG and plotter.child is None  # waited for, nothing left behind
+    assert not (tmp_path / PLOT_ERRORS).exists()  # the drawings said nothing: no empty file stays
     assert not TrainingPlotter(tmp_path, metrics_path(tmp_path), min_interval_s=60.0).update()  # too soon
 
 
