@@ -80,8 +80,10 @@ def test_the_floor_is_the_mean_fd_of_random_halves_and_scores_report_it(digits_n
         half_a, half_b = np.array_split(rng.permutation(len(features)), 2)
         expected.append(frechet_distance(*feature_statistics(features[half_a]), *feature_statistics(features[half_b])))
     assert digits_module.half_split_fd(features, splits=3, seed=7) == pytest.approx(np.mean(expected), rel=1e-12)
+    half = rng.permutation(len(images))[: len(images) // 2]
     with mock.patch.object(digits_module, "load_digits_classifier", return_value=digits_net):
-        scores = digits_module.digits_scores(images[:500], labels[:500])
+        scores = digits_module.digits_scores(images[half], labels[half])
     assert scores["digits_fd_floor"] == pytest.approx(digits_module.half_split_fd(features), rel=1e-12)
-    # 500 real digits against all of them: the floor's size, not a model's (a model's is far above)
-    assert 0 < scores["digits_fd"] < 2 * scores["digits_fd_floor"] and scores["class_accuracy"] > 0.95
+    # A random half of the real digits against all of them, which contain it: the means and the
+    # covariances lie halfway to the other half's, so about a quarter of the floor, and below it.
+    assert 0 < scores["digits_fd"] < scores["digits_fd_floor"] and scores["class_accuracy"] > 0.95

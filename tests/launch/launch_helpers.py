@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from dtr_scale.config import ClusterConfig
 from dtr_scale.configs import CONFIG_DIR
+from dtr_scale.launch.follow import job_over
 from dtr_scale.launch.ledger import ledger_path, read_records
 
 PRESETS = Path(CONFIG_DIR) / "cluster"
@@ -33,10 +36,11 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.1)
 
 
-def results_within(job: submitit.Job, timeout_s: float) -> list:
-    """job.results(), or cancel the job and fail after timeout_s."""
+def results_within(job: submitit.Job, timeout_s: float, run_dir: str | Path | None = None) -> list:
+    """job.results() once the job is over as `dtr-scale train` judges it (job_over), or cancel
+    the job and fail after timeout_s."""
     try:
-        wait_until(job.done, timeout_s, f"job {job.job_id} to end")
+        wait_until(lambda: job_over(job, run_dir), timeout_s, f"job {job.job_id} to end")
     except TimeoutError:
         job.cancel(check=False)
         raise
@@ -66,3 +70,61 @@ def local_task_pids(job: submitit.Job) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == controller:
                 pids.append(int(entry))
     return pids
+
+
+def slurm_task_pids(job_id: str) -> list[int]:
+    """The task processes of a SLURM job, on any node's network namespace of this machine: the
+    submitit entry points that carry the job's id, not their children."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # the process ended meanwhile
+                continue
+            if f"SLURM_JOB_ID={job_id}".encode() in environ and b"submitit.core._submit" in command:
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return sorted(pid for pid, parent in parents.items() if parent not in parents)
+
+
+def _status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict ({} once the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in lines)}
+
+
+def _stopped(pid: int) -> bool:
+    return _status(pid).get("State", "").startswith("T")
+
+
+def _stopped_awaiting(pid: int, signum: int) -> bool:
+    """Whether `pid` is stopped and `signum` is not yet pending in it."""
+    status = _status(pid)
+    if not status.get("State", "").startswith("T"):
+        return False
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return not pending & (1 << (signum - 1))
+
+
+def preempt_paused(job_id: str, preempt: Callable[[], None], timeout_s: float = 60) -> None:
+    """Stop the job's tasks, call preempt() (say, submit a job that needs their nodes), wait
+    until SLURM's SIGUSR2 is pending in every stopped task, and let them go on. However fast the
+    tasks train, the preemption lands where the test stopped them, not after the job finished."""
+    pids = slurm_task_pids(job_id)
+    assert pids, f"no task of job {job_id} runs"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(_stopped(pid) for pid in pids), 10, "the tasks to stop")
+        preempt()
+        wait_until(lambda: not any(_stopped_awaiting(pid, signal.SIGUSR2) for pid in pids), timeout_s,
+                   "SLURM's USR2 to reach every task")
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # a task that ended meanwhile
+                os.kill(pid, signal.SIGCONT)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import submitit
 
 from dtr_scale.config import ClusterConfig
-from dtr_scale.launch.ledger import read_status
+from dtr_scale.io import append_jsonl
+from dtr_scale.launch.follow import SLURM_ACTIVE_STATES, job_over, slurm_state
+from dtr_scale.launch.ledger import ledger_path, read_status
 from dtr_scale.launch.submit import submit_training
 from launch_helpers import ledger_states, results_within, sacct_states, wait_until
 from stand_in_trainer import StandInConfig, expected_state, logged_steps, read_checkpoint, train
@@ -77,12 +80,32 @@ def test_time_limit_requeues_and_finishes(tmp_path):
     # 48 and 52 s). 300 x 0.25 s of training does not fit in one job.
     cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=300, step_seconds=0.25)
     job = submit_training(cfg, debug_cluster(time_min=2, signal_delay_s=60), train_fn=train)
-    results = results_within(job, 330)
+    results = results_within(job, 330, cfg.run_dir)
     assert [(r.status, r.step) for r in results] == [("finished", 300)] * 2
     assert_trained_once_to(cfg.run_dir, 300)
     requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
     assert requeued and {r["reason"] for r in requeued} == {"time limit"}
     assert "TIMEOUT" not in sacct_states(job.job_id)  # every stop came before SLURM's kill
+
+
+def test_a_terminal_reading_between_runs_does_not_end_the_job(tmp_path, monkeypatch):
+    # submitit caches one accounting reading, and a job that requeues itself can read COMPLETED
+    # between its runs: job_over believes a terminal reading only when slurmctld agrees and the
+    # ledger did not just say "requeued".
+    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=100_000)
+    job = submit_training(cfg, debug_cluster(), train_fn=train)
+    wait_until(lambda: ledger_states(cfg.run_dir) == ["running"], 60, "the job to start")
+    monkeypatch.setattr(job, "done", lambda force_check=False: True)  # the cached terminal reading
+    assert slurm_state(job.job_id) == "RUNNING" and not job_over(job, cfg.run_dir)
+
+    subprocess.run(["scancel", job.job_id], check=True)
+    wait_until(lambda: slurm_state(job.job_id) not in SLURM_ACTIVE_STATES, 60, "the job to be cancelled")
+    assert slurm_state(job.job_id) == "CANCELLED" and job_over(job, cfg.run_dir)
+    for age_s, over in ((5, False), (600, True)):  # a requeue just written, and one that never came
+        run_dir = tmp_path / f"requeued_{age_s}s_ago"
+        written = datetime.now(timezone.utc) - timedelta(seconds=age_s)
+        append_jsonl(ledger_path(run_dir), {"time": written.isoformat(timespec="seconds"), "state": "requeued"})
+        assert job_over(job, run_dir) is over
 
 
 def test_failing_job_is_not_requeued_and_reports_its_error(tmp_path):

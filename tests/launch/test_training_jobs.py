@@ -19,7 +19,7 @@ from dtr_scale.launch.ledger import read_status
 from dtr_scale.launch.submit import submit_training
 from dtr_scale.train.checkpoint import latest_checkpoint
 from dtr_scale.train.metrics import read_metrics
-from launch_helpers import ledger_states, local_task_pids, results_within, wait_until
+from launch_helpers import ledger_states, local_task_pids, preempt_paused, results_within, wait_until
 
 
 def tiny_run(run_dir, steps: int, *, depth: int = 2, hidden_size: int = 64, batch: int = 16) -> TrainConfig:
@@ -66,7 +66,7 @@ def test_local_job_preempted_matches_the_uninterrupted_job(tmp_path):
     wait_until(lambda: len(trained_steps(cfg.run_dir)) >= 60, 120, "60 steps")
     for pid in local_task_pids(job):  # what SLURM's preemption does to each task
         os.kill(pid, signal.SIGUSR2)
-    results = results_within(job, 300)
+    results = results_within(job, 300, cfg.run_dir)
     assert [(r.status, r.step) for r in results] == [("finished", steps)] * 2
     requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
     assert [r["reason"] for r in requeued] == ["preempted"] and 60 <= requeued[0]["end_step"] < steps
@@ -110,10 +110,11 @@ def test_slurm_job_preempted_twice_matches_the_uninterrupted_job(tmp_path):
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)  # what a preemption sends
     wait_until(lambda: ledger_states(cfg.run_dir).count("running") == 2, 60, "the requeued job to start")
     wait_until(lambda: len(trained_steps(cfg.run_dir)) >= 150, 120, "150 steps")
-    subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null",
-                    "--wrap=sleep 1"], check=True, capture_output=True)  # a job that needs the whole node
+    preempt_paused(job.job_id, lambda: subprocess.run(  # a job that needs the whole node
+        ["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null", "--wrap=sleep 1"],
+        check=True, capture_output=True))
 
-    results = results_within(job, 300)
+    results = results_within(job, 300, cfg.run_dir)
     assert [(r.status, r.step) for r in results] == [("finished", steps)] * 2
     requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
     assert [r["reason"] for r in requeued] == ["preempted", "preempted"]

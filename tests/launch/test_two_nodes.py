@@ -34,7 +34,8 @@ from dtr_scale.train.checkpoint import latest_checkpoint
 from dtr_scale.train.local import run_processes
 from dtr_scale.train.loop import train
 from dtr_scale.train.metrics import read_metrics
-from launch_helpers import ledger_states, load_preset, results_within, sacct_states, wait_until
+from launch_helpers import (ledger_states, load_preset, preempt_paused, results_within, sacct_states,
+                            wait_until)
 from test_training_jobs import assert_same_weights, final_weights, tiny_run, trained_steps
 
 pytestmark = pytest.mark.usefixtures("slurm_two_nodes")
@@ -148,10 +149,12 @@ def test_2x1_job_preempted_twice_matches_the_same_world_on_one_machine(tmp_path)
     wait_until(lambda: ledger_states(cfg.run_dir).count("running") == 2, 120, "the requeued job to start")
     wait_until(lambda: len(trained_steps(cfg.run_dir)) >= 30, 180, "30 steps")
     # 2: a job in the higher-priority partition needs both nodes: SLURM signals every task.
-    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive",
-                             "--output=/dev/null", "--wrap=sleep 1"], check=True, capture_output=True, text=True)
+    urgent = []
+    preempt_paused(job.job_id, lambda: urgent.append(subprocess.run(
+        ["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--exclusive", "--output=/dev/null",
+         "--wrap=sleep 1"], check=True, capture_output=True, text=True).stdout.strip()))
 
-    results = results_within(job, 300)
+    results = results_within(job, 300, cfg.run_dir)
     assert [(r.status, r.step) for r in results] == [("finished", steps)] * 2
     status = read_status(cfg.run_dir)
     requeued = [r for r in status["jobs"] if r["state"] == "requeued"]
@@ -160,7 +163,7 @@ def test_2x1_job_preempted_twice_matches_the_same_world_on_one_machine(tmp_path)
     assert (status["state"], status["requeues"]) == ("finished", 2)
     logged_once(cfg.run_dir, steps)  # every rank stopped at the same step: none lost, none repeated
     assert_same_weights(cfg.run_dir, reference.run_dir)
-    wait_until(lambda: sacct_states(urgent.stdout.strip()) == ["COMPLETED"], 30, "the urgent job to complete")
+    wait_until(lambda: sacct_states(urgent[0]) == ["COMPLETED"], 30, "the urgent job to complete")
     runs = sacct_states(job.job_id)
     assert len(runs) == 3 and set(runs[:2]) <= {"REQUEUED", "PREEMPTED"}
 
