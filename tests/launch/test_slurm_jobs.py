@@ -1,5 +1,6 @@
 """End to end on a real single-node SLURM: 2-task gloo jobs of the stand-in
-trainer, submitted through submitit, preempted, time-limited and failing."""
+trainer, submitted through submitit, preempted and failing (the real trainer
+through a real time limit: test_training_jobs.py, test_two_nodes.py)."""
 
 from __future__ import annotations
 
@@ -72,20 +73,6 @@ def test_preempted_twice_resumes_without_training_a_step_twice(tmp_path):
     wait_until(lambda: sacct_states(job.job_id)[-1] == "COMPLETED", 30, "sacct to show the job COMPLETED")
     runs = sacct_states(job.job_id)
     assert len(runs) == 3 and set(runs[:2]) <= {"REQUEUED", "PREEMPTED"}
-
-
-def test_time_limit_requeues_and_finishes(tmp_path):
-    # slurmctld checks time limits every 30 s, so USR2 comes 60 to 90 s before a 2-minute
-    # limit (30 to 60 s into the job: after the task has installed its handler; seen here at
-    # 48 and 52 s). 300 x 0.25 s of training does not fit in one job.
-    cfg = StandInConfig(run_dir=str(tmp_path / "run"), steps=300, step_seconds=0.25)
-    job = submit_training(cfg, debug_cluster(time_min=2, signal_delay_s=60), train_fn=train)
-    results = results_within(job, 330, cfg.run_dir)
-    assert [(r.status, r.step) for r in results] == [("finished", 300)] * 2
-    assert_trained_once_to(cfg.run_dir, 300)
-    requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
-    assert requeued and {r["reason"] for r in requeued} == {"time limit"}
-    assert "TIMEOUT" not in sacct_states(job.job_id)  # every stop came before SLURM's kill
 
 
 def test_a_terminal_reading_between_runs_does_not_end_the_job(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from dtr_scale.launch.ledger import read_status
 from dtr_scale.launch.submit import submit_training
 from dtr_scale.train.checkpoint import latest_checkpoint
 from dtr_scale.train.metrics import read_metrics
-from launch_helpers import ledger_states, local_task_pids, preempt_paused, results_within, wait_until
+from launch_helpers import (ledger_states, local_task_pids, preempt_paused, results_within, sacct_states,
+                            wait_until)
 
 
 def tiny_run(run_dir, steps: int, *, depth: int = 2, hidden_size: int = 64, batch: int = 16) -> TrainConfig:
@@ -83,16 +84,18 @@ def slurm_debug(**overrides) -> ClusterConfig:
 def test_slurm_job_through_a_real_time_limit_matches_the_uninterrupted_job(tmp_path):
     # slurmctld sends USR2 30 to 60 s into a 2-minute job with a 60 s signal delay; these
     # 900 steps of a wider DiT take over a minute, so the first job always hits the limit.
+    # The uninterrupted reference trains beside it (it only slows the limited job down).
     def wider(run_dir):
         return tiny_run(run_dir, 900, depth=4, hidden_size=128, batch=64)
 
-    reference = wider(tmp_path / "reference")
+    cfg, reference = wider(tmp_path / "run"), wider(tmp_path / "reference")
+    job = submit_training(cfg, slurm_debug(time_min=2, signal_delay_s=60))
     run_to_end(reference, slurm_debug(), 400)
-    cfg = wider(tmp_path / "run")
-    results = run_to_end(cfg, slurm_debug(time_min=2, signal_delay_s=60), 600)
+    results = results_within(job, 600, cfg.run_dir)
     assert [(r.status, r.step) for r in results] == [("finished", 900)] * 2
     requeued = [r for r in read_status(cfg.run_dir)["jobs"] if r["state"] == "requeued"]
     assert requeued and {r["reason"] for r in requeued} == {"time limit"}
+    assert "TIMEOUT" not in sacct_states(job.job_id)  # every stop came before SLURM's kill
     assert trained_steps(cfg.run_dir) == list(range(1, 901))
     assert_same_weights(cfg.run_dir, reference.run_dir)
 
