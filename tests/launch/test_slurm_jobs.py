@@ -16,7 +16,7 @@ from dtr_scale.io import append_jsonl
 from dtr_scale.launch.follow import SLURM_ACTIVE_STATES, job_over, slurm_state
 from dtr_scale.launch.ledger import ledger_path, read_status
 from dtr_scale.launch.submit import submit_training
-from launch_helpers import ledger_states, results_within, sacct_states, wait_until
+from launch_helpers import ledger_states, preempt_paused, results_within, sacct_states, wait_until
 from stand_in_trainer import StandInConfig, expected_state, logged_steps, read_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("slurm_cluster")
@@ -58,10 +58,12 @@ def test_preempted_twice_resumes_without_training_a_step_twice(tmp_path):
 
     # 2: a job in the higher-priority partition needs the whole node.
     wait_until(lambda: len(logged_steps(cfg.run_dir, 0)) >= 10, 60, "10 steps")
-    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null",
-                             "--wrap=sleep 1"], check=True, capture_output=True, text=True).stdout.strip()
+    urgent = []
+    preempt_paused(job.job_id, lambda: urgent.append(subprocess.run(
+        ["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null", "--wrap=sleep 1"],
+        check=True, capture_output=True, text=True).stdout.strip()))
 
-    results = results_within(job, 120)
+    results = results_within(job, 120, cfg.run_dir)
     assert [(r.status, r.step) for r in results] == [("finished", STEPS)] * 2
     assert_trained_once_to(cfg.run_dir, STEPS)
     status = read_status(cfg.run_dir)
@@ -69,7 +71,7 @@ def test_preempted_twice_resumes_without_training_a_step_twice(tmp_path):
     assert [r["reason"] for r in requeued] == ["preempted", "preempted"]
     assert 5 <= requeued[0]["end_step"] < requeued[1]["end_step"] < STEPS
     assert (status["state"], status["step"], status["requeues"]) == ("finished", STEPS, 2)
-    wait_until(lambda: sacct_states(urgent) == ["COMPLETED"], 30, "the urgent job to complete")
+    wait_until(lambda: sacct_states(urgent[0]) == ["COMPLETED"], 30, "the urgent job to complete")
     wait_until(lambda: sacct_states(job.job_id)[-1] == "COMPLETED", 30, "sacct to show the job COMPLETED")
     runs = sacct_states(job.job_id)
     assert len(runs) == 3 and set(runs[:2]) <= {"REQUEUED", "PREEMPTED"}

@@ -1,13 +1,15 @@
 """The real trainer as a submitit job: 2 gloo tasks of a tiny DiT with DTR + ANT-UW,
 preempted once (local executor) and twice (SLURM), reaching the uninterrupted job's
 weights bit for bit without training any step twice; and on SLURM, through a real
---time limit too."""
+--time limit too; and `dtr-scale train` following its SLURM job through a preemption."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +126,28 @@ def test_slurm_job_preempted_twice_matches_the_uninterrupted_job(tmp_path):
     assert 60 <= requeued[0]["end_step"] < requeued[1]["end_step"] < steps
     assert trained_steps(cfg.run_dir) == list(range(1, steps + 1))
     assert_same_weights(cfg.run_dir, reference.run_dir)
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_dtr_scale_train_follows_its_slurm_job_through_a_preemption_to_the_end(tmp_path):
+    run_dir, steps = tmp_path / "run", 300
+    command = [str(Path(sys.executable).parent / "dtr-scale"), "train", f"run_dir={run_dir}", "cluster=slurm_debug",
+               "cluster.follow=true", "data=synthetic", "data.num_samples=256", "model.depth=2",
+               "model.hidden_size=64", f"steps={steps}", "global_batch_size=16", "logging.every=1",
+               "logging.wandb=disabled", "sample_at_end=0", "checkpoint.every=10000"]
+    follower = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: (run_dir / "metrics.jsonl").exists() and len(trained_steps(run_dir)) >= 30, 120,
+                   "30 steps")
+        job_id = read_status(run_dir)["job_id"]
+        preempt_paused(job_id, lambda: subprocess.run(  # a job that needs the whole node
+            ["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--output=/dev/null", "--wrap=sleep 1"],
+            check=True, capture_output=True))
+        out, _ = follower.communicate(timeout=300)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, out
+    assert f"job {job_id} finished" in out and f"training finished at step {steps}" in out
+    requeued = [r for r in read_status(run_dir)["jobs"] if r["state"] == "requeued"]
+    assert [r["reason"] for r in requeued] == ["preempted"] and 30 <= requeued[0]["end_step"] < steps
+    assert trained_steps(run_dir) == list(range(1, steps + 1))
