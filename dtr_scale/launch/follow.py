@@ -48,10 +48,6 @@ def slurm_state(job_id: str) -> str | None:
     return lines[0] if out.returncode == 0 and lines else None
 
 
-def _tasks(job: submitit.Job) -> list[submitit.Job]:
-    return list(job._sub_jobs) or [job]  # a multi-task job's tasks each write their own result
-
-
 def job_over(job: submitit.Job, run_dir: str | Path | None = None) -> bool:
     """Whether `job` has ended for good, so that job.results() has its answer.
 
@@ -62,7 +58,7 @@ def job_over(job: submitit.Job, run_dir: str | Path | None = None) -> bool:
     does not say "requeued" within the last REQUEUE_GRACE_S seconds."""
     if not job.done():
         return False
-    if all(task.paths.result_pickle.exists() for task in _tasks(job)):
+    if all(job.task(i).paths.result_pickle.exists() for i in range(job.num_tasks)):  # one result per task
         return True
     if isinstance(job, submitit.SlurmJob) and slurm_state(job.job_id) in SLURM_ACTIVE_STATES:
         return False
