@@ -34,6 +34,7 @@ from dtr_scale.config import TrainConfig
 from dtr_scale.eval.results import eval_lock, read_results, record_key
 from dtr_scale.eval.settings import EvalSettings, eval_dir
 from dtr_scale.io import append_jsonl, read_jsonl
+from dtr_scale.launch.follow import SLURM_ACTIVE_STATES, slurm_state
 
 WORK_NAME = "work.jsonl"
 SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
@@ -92,7 +93,10 @@ def job_alive(event: dict[str, Any]) -> bool:
     """Whether the submitit job of a 'submitted' event may still write the result."""
     if event["cluster"] == "local":
         return event["host"] != socket.gethostname() or pid_alive(int(event["job_id"]))  # local job id = its pid
-    state = submitit.SlurmJob(event["folder"], event["job_id"]).state
+    held = slurm_state(event["job_id"])  # slurmctld's own view: the accounting can read COMPLETED
+    if held is not None:                  # between two runs of a requeued job
+        return held in SLURM_ACTIVE_STATES
+    state = submitit.SlurmJob(event["folder"], event["job_id"]).state  # slurmctld forgot it: ask the accounting
     return state.split(" ")[0] not in SLURM_ENDED  # UNKNOWN: sacct has not seen it yet
 
 

@@ -1,5 +1,6 @@
 """Submit mode on the real local SLURM: the watcher sends one evaluation job per due checkpoint
-with sbatch, and the results come back from the cluster."""
+with sbatch, and the results come back from the cluster; a submitted job holds its checkpoint
+through a requeue."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from dtr_scale.config import ClusterConfig
 from dtr_scale.eval.results import read_results
 from dtr_scale.eval.watcher import watch
-from dtr_scale.eval.work_log import work_path
+from dtr_scale.eval.work_log import job_alive, work_path
+from dtr_scale.launch.follow import slurm_state
 
 SMALL = {"eval.num_samples": 20, "eval.batch_size": 10, "diffusion.sampling_steps": 5}
 
@@ -36,3 +38,28 @@ def test_submit_mode_evaluates_on_slurm(run_copy, eval_config):
 def sacct_states(jobs: str) -> list[str]:
     return subprocess.run(["sacct", "-n", "-P", "-X", "-j", jobs, "-o", "State"], check=True, capture_output=True,
                           text=True).stdout.split()
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_submitted_evaluation_job_is_alive_through_a_requeue_and_not_after_it_ended(tmp_path):
+    # Its checkpoint is not handed to another evaluator while SLURM holds the job, requeued or not.
+    job_id = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--output=/dev/null", "--wrap=sleep 300"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    event = {"cluster": "slurm", "job_id": job_id, "folder": str(tmp_path)}
+    try:
+        wait_until_state(job_id, {"RUNNING"})
+        assert job_alive(event)
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        wait_until_state(job_id, {"PENDING", "REQUEUED"})
+        assert job_alive(event)
+    finally:
+        subprocess.run(["scancel", job_id], check=True)
+    wait_until_state(job_id, {"CANCELLED"})
+    assert not job_alive(event)
+
+
+def wait_until_state(job_id: str, states: set[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (state := slurm_state(job_id)) not in states:
+        assert time.monotonic() < deadline, f"job {job_id} is {state}, not {sorted(states)}, after {timeout_s:.0f} s"
+        time.sleep(0.2)
