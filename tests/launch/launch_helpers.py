@@ -58,34 +58,31 @@ def sacct_states(job_id: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def local_task_pids(job: submitit.Job) -> list[int]:
-    """The task processes of a local-executor job: children of its controller (the job id)."""
-    controller, pids = int(job.job_id), []
+def _processes():
+    """(pid, parent pid, environment entries, command line) of every process on this machine,
+    every node's network namespace included."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == controller:
-                pids.append(int(entry))
-    return pids
-
-
-def slurm_task_pids(job_id: str) -> list[int]:
-    """The task processes of a SLURM job, on any node's network namespace of this machine: the
-    submitit entry points that carry the job's id, not their children."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
                 environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
                 command = Path(f"/proc/{entry}/cmdline").read_bytes()
-                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:  # the process ended meanwhile
                 continue
-            if f"SLURM_JOB_ID={job_id}".encode() in environ and b"submitit.core._submit" in command:
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            yield int(entry), int(stat.rsplit(")", 1)[1].split()[1]), environ, command
+
+
+def local_task_pids(job: submitit.Job) -> list[int]:
+    """The task processes of a local-executor job: children of its controller (the job id)."""
+    return [pid for pid, parent, _, _ in _processes() if parent == int(job.job_id)]
+
+
+def slurm_task_pids(job_id: str, rank: int | None = None) -> list[int]:
+    """The task processes of a SLURM job (those of one global rank, if given): the submitit
+    entry points that carry the job's id, not their children."""
+    wanted = [f"SLURM_JOB_ID={job_id}".encode()] + ([] if rank is None else [f"SLURM_PROCID={rank}".encode()])
+    parents = {pid: parent for pid, parent, environ, command in _processes()
+               if all(entry in environ for entry in wanted) and b"submitit.core._submit" in command}
     return sorted(pid for pid, parent in parents.items() if parent not in parents)
 
 

@@ -35,7 +35,7 @@ from dtr_scale.train.local import run_processes
 from dtr_scale.train.loop import train
 from dtr_scale.train.metrics import read_metrics
 from launch_helpers import (ledger_states, load_preset, preempt_paused, results_within, sacct_states,
-                            wait_until)
+                            slurm_task_pids, wait_until)
 from test_training_jobs import assert_same_weights, final_weights, tiny_run, trained_steps
 
 pytestmark = pytest.mark.usefixtures("slurm_two_nodes")
@@ -123,18 +123,12 @@ def test_2x2_trainer_matches_the_same_world_on_one_machine_and_resumes_on_one_no
 
 
 def task_pid(node: str, job_id: str, rank: int) -> int:
-    """The PID (in this machine's namespace) of a job's task on a node."""
-    pids = subprocess.run(["ip", "netns", "pids", f"dtrn-{node}"], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:  # the process ended meanwhile
-            continue
-        if f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ \
-                and b"submitit.core._submit" in command:
-            return int(pid)
-    raise LookupError(f"no task of rank {rank} of job {job_id} on {node}")
+    """The PID (in this machine's namespace) of a job's task of `rank`, which runs on `node`."""
+    on_node = set(subprocess.run(["ip", "netns", "pids", f"dtrn-{node}"], capture_output=True, text=True).stdout.split())
+    found = [pid for pid in slurm_task_pids(job_id, rank) if str(pid) in on_node]
+    if len(found) != 1:
+        raise LookupError(f"no single task of rank {rank} of job {job_id} on {node}: {found}")
+    return found[0]
 
 
 def test_2x1_job_preempted_twice_matches_the_same_world_on_one_machine(tmp_path):
