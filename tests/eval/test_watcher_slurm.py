@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import submitit
 
 from dtr_scale.config import ClusterConfig
 from dtr_scale.eval.results import read_results
@@ -41,8 +42,10 @@ def sacct_states(jobs: str) -> list[str]:
 
 
 @pytest.mark.usefixtures("slurm_cluster")
-def test_a_submitted_evaluation_job_is_alive_through_a_requeue_and_not_after_it_ended(tmp_path):
-    # Its checkpoint is not handed to another evaluator while SLURM holds the job, requeued or not.
+def test_a_submitted_evaluation_job_is_alive_through_a_requeue_and_not_after_it_ended(tmp_path, monkeypatch):
+    # Its checkpoint is not handed to another evaluator while SLURM holds the job, requeued or not,
+    # even when the accounting reads COMPLETED (as it can for a moment between two runs).
+    monkeypatch.setattr(submitit.SlurmJob, "state", property(lambda job: "COMPLETED"))
     job_id = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--output=/dev/null", "--wrap=sleep 300"],
                             check=True, capture_output=True, text=True).stdout.strip()
     event = {"cluster": "slurm", "job_id": job_id, "folder": str(tmp_path)}
