@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from dtr_scale.eval.results import METRICS, format_metric, main_metric, read_results, record_key, results_path
+from dtr_scale.eval.results import METRICS, format_metric, main_metric, read_results, results_path
 from dtr_scale.eval.saved_config import saved_run_config
-from dtr_scale.eval.settings import KEY_FIELDS, eval_dir
+from dtr_scale.eval.settings import KEY_FIELDS, eval_dir, record_key
 from dtr_scale.io import atomic_write_text
 from dtr_scale.plots.figure import Curve, Panel, draw_panels
 

@@ -16,21 +16,20 @@ w takes chunks r, r + w, ...; rank 0 merges them into the ADM `.npz`
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dtr_scale.data.synthetic import step_seed
+from dtr_scale.rng import step_seed
 from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.sampling import Noise, sample_latents
+from dtr_scale.eval.grids import labelled_grid, save_png
+from dtr_scale.eval.settings import SampleSpec
 from dtr_scale.io import atomic_write, atomic_write_json, read_json
 from dtr_scale.world import World
 
@@ -47,34 +46,6 @@ log = logging.getLogger(__name__)
 
 class SampleFolderError(RuntimeError):
     """A samples folder that belongs to other settings, or lacks chunks; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """Everything that decides the images of a samples folder."""
-
-    weights: str  # which weights drew them, e.g. "step_00000200/ema"
-    num_samples: int
-    chunk_size: int
-    num_classes: int
-    latent_shape: tuple[int, int, int]
-    labels: str = "balanced"  # balanced | random
-    seed: int = 0
-    sampler: str = "ddpm"
-    sampling_steps: int = 250
-    cfg_scale: float = 1.5
-    guided_channels: str = "all"
-    ddim_eta: float = 0.0
-
-    @property
-    def num_chunks(self) -> int:
-        return -(-self.num_samples // self.chunk_size)
-
-    def chunk_indices(self, chunk: int) -> np.ndarray:
-        return np.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_samples))
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
 
 
 def class_labels(spec: SampleSpec, indices: np.ndarray) -> np.ndarray:
@@ -201,8 +172,6 @@ def grid_order(labels: np.ndarray, num_classes: int) -> list[int]:
 
 def write_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Path:
     """The samples in grid_order, enlarged (nearest-neighbour) and captioned by class."""
-    from dtr_scale.eval.grids import labelled_grid, save_png
-
     columns = num_classes if num_classes <= GRID_MAX_CLASSES else 8
     image, _ = labelled_grid(images, labels, grid_order(labels, num_classes), columns)
     return save_png(image, path)

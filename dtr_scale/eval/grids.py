@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dtr_scale.eval.results import read_results, record_key
-from dtr_scale.eval.settings import eval_dir
+from dtr_scale.eval.settings import eval_dir, record_key
 from dtr_scale.io import atomic_write
 
 CELL_TARGET = 64  # small samples are enlarged to at least this many pixels a side
@@ -100,10 +99,12 @@ def strip_rows(records: list[dict[str, Any]], max_rows: int = STRIP_MAX_ROWS) ->
     return [by_step[step] for step in keep]
 
 
-def write_checkpoint_strip(run_dir: str | Path, samples: int = STRIP_SAMPLES) -> Path | None:
-    """RUN_DIR/eval/samples_by_step.png: the first `samples` samples of each evaluated checkpoint
-    (the same seeds and labels at every step), a row per checkpoint; None before any samples exist."""
-    rows = strip_rows(read_results(run_dir))
+def write_checkpoint_strip(run_dir: str | Path, records: list[dict[str, Any]],
+                           samples: int = STRIP_SAMPLES) -> Path | None:
+    """RUN_DIR/eval/samples_by_step.png from the run's result records: the first `samples` samples
+    of each evaluated checkpoint (the same seeds and labels at every step), a row per checkpoint;
+    None before any samples exist."""
+    rows = strip_rows(records)
     if not rows:
         return None
     images, labels, names = [], [], []

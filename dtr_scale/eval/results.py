@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.eval.settings import KEY_FIELDS, eval_dir
+from dtr_scale.eval.grids import write_checkpoint_strip
+from dtr_scale.eval.settings import KEY_FIELDS, eval_dir, record_key
 from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, atomic_write_text, read_jsonl
 from dtr_scale.plots.figure import Curve, Panel, draw_panels
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 
 def results_path(run_dir: str | Path) -> Path:
     return eval_dir(run_dir) / RESULTS_NAME
-
-
-def record_key(record: dict[str, Any]) -> tuple:
-    return tuple(record[name] for name in KEY_FIELDS)
 
 
 @contextmanager
@@ -170,9 +167,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     same samples at each checkpoint), rewritten from the records."""
     table = eval_dir(run_dir) / "results.md"
     atomic_write_text(table, results_table(run_dir) + "\n")
-    from dtr_scale.eval.grids import write_checkpoint_strip  # it reads these results
-
-    write_checkpoint_strip(run_dir)
+    write_checkpoint_strip(run_dir, read_results(run_dir))
     return table, plot_results(run_dir)
 
 

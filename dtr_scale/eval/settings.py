@@ -1,8 +1,9 @@
 """One evaluation's identity: the settings that, with a checkpoint step and an averaging,
 decide a result. From them come the result key (what results.jsonl is deduplicated by), the
-samples folder and the sample spec, so a new sampler option is one field here.
+samples folder and the sample spec (what decides a samples folder's images), so a new sampler
+option is one field here.
 
-Plain Python (no torch): `dtr-scale status` reads results through this module on login nodes.
+No torch: `dtr-scale status` reads results through this module on login nodes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from dtr_scale.config import ModelConfig, TrainConfig
-    from dtr_scale.eval.generate import SampleSpec
 
 NOT_IN_KEY = {"in_key": False}  # field metadata: decides the samples, not which result they give
 
@@ -44,6 +46,34 @@ def reference_name(cfg: TrainConfig) -> str:
         return "digits"
     raise EvaluationError("eval.reference is not set: point it at an ADM reference batch (.npz, e.g. "
                           "VIRTUAL_imagenet256_labeled.npz); only the embedded digits are scored without one")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that decides the images of a samples folder."""
+
+    weights: str  # which weights drew them, e.g. "step_00000200/ema"
+    num_samples: int
+    chunk_size: int
+    num_classes: int
+    latent_shape: tuple[int, int, int]
+    labels: str = "balanced"  # balanced | random
+    seed: int = 0
+    sampler: str = "ddpm"
+    sampling_steps: int = 250
+    cfg_scale: float = 1.5
+    guided_channels: str = "all"
+    ddim_eta: float = 0.0
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.chunk_size)
+
+    def chunk_indices(self, chunk: int) -> np.ndarray:
+        return np.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_samples))
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
 
 
 @dataclass(frozen=True)
@@ -85,8 +115,6 @@ class EvalSettings:
 
     def sample_spec(self, model: ModelConfig, step: int, averaging: str) -> SampleSpec:
         """What to draw: the model's classes and latent shape, with these settings' sampler and counts."""
-        from dtr_scale.eval.generate import SampleSpec
-
         return SampleSpec(weights=f"step_{step:08d}/{averaging}", num_samples=self.num_samples,
                           chunk_size=self.chunk_size, num_classes=model.num_classes,
                           latent_shape=(model.in_channels, model.input_size, model.input_size), labels=self.labels,
@@ -96,3 +124,8 @@ class EvalSettings:
 
 # What identifies a result: a record with the same values is never computed again.
 KEY_FIELDS = ("step", "averaging", *(f.name for f in dataclasses.fields(EvalSettings) if f.metadata.get("in_key", True)))
+
+
+def record_key(record: dict[str, Any]) -> tuple:
+    """A stored result's key (KEY_FIELDS' values): records with equal keys are one result."""
+    return tuple(record[name] for name in KEY_FIELDS)

@@ -31,8 +31,8 @@ from typing import Any
 import submitit
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.eval.results import eval_lock, read_results, record_key
-from dtr_scale.eval.settings import EvalSettings, eval_dir
+from dtr_scale.eval.results import eval_lock, read_results
+from dtr_scale.eval.settings import EvalSettings, eval_dir, record_key
 from dtr_scale.io import append_jsonl, read_jsonl
 from dtr_scale.launch.follow import SLURM_ACTIVE_STATES, slurm_state
 

@@ -7,7 +7,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from dtr_scale.eval.results import read_results, record_key
+from dtr_scale.eval.results import read_results
+from dtr_scale.eval.settings import record_key
 from dtr_scale.eval.work_log import work_path
 
 DTR_SCALE = str(Path(sys.executable).parent / "dtr-scale")

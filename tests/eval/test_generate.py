@@ -9,7 +9,6 @@ from dtr_scale.eval.generate import (
     GRID_PNG,
     SAMPLES_NPZ,
     SampleFolderError,
-    SampleSpec,
     chunk_path,
     class_labels,
     generate_chunks,
@@ -19,6 +18,7 @@ from dtr_scale.eval.generate import (
     open_sample_folder,
 )
 from dtr_scale.eval.sample import load_model
+from dtr_scale.eval.settings import SampleSpec
 from dtr_scale.train.components import build_diffusion
 
 DECODE = PixelAutoencoder().decode

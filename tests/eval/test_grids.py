@@ -9,7 +9,7 @@ from PIL import Image
 
 from dtr_scale.eval.generate import GRID_PNG, grid_order, write_grid
 from dtr_scale.eval.grids import STRIP_NAME, labelled_grid, upscale, upscale_factor, write_checkpoint_strip
-from dtr_scale.eval.results import append_result
+from dtr_scale.eval.results import append_result, read_results
 
 SETTINGS = {"averaging": "ema", "sampler": "ddpm", "sampling_steps": 50, "cfg_scale": 1.5, "guided_channels": "all",
             "ddim_eta": 0.0, "num_samples": 30, "labels": "balanced", "seed": 0, "reference": "digits"}
@@ -69,7 +69,7 @@ def test_the_strip_shows_the_same_samples_at_each_checkpoint(tmp_path):
     # other sampler settings at step 600 are not mixed into the rows
     other = write_samples(tmp_path / "eval" / "samples" / "other", *digits(30, seed=1))
     append_result(tmp_path, {"step": 600, **SETTINGS, "sampling_steps": 10, "digits_fd": 1.0, "samples": str(other)})
-    path = write_checkpoint_strip(tmp_path)
+    path = write_checkpoint_strip(tmp_path, read_results(tmp_path))
     assert path == tmp_path / "eval" / STRIP_NAME
     saved = np.asarray(Image.open(path).convert("RGB"))
     stacked = np.concatenate([samples[s][0][:10] for s in steps])
@@ -82,7 +82,7 @@ def test_the_strip_shows_the_same_samples_at_each_checkpoint(tmp_path):
 
 
 def test_no_samples_no_strip(tmp_path):
-    assert write_checkpoint_strip(tmp_path) is None
+    assert write_checkpoint_strip(tmp_path, read_results(tmp_path)) is None
 
 
 def test_each_evaluations_grid_is_logged_to_wandb(tmp_path):
