@@ -120,7 +120,7 @@ class WeightingConfig:
     p2_k: float = 1.0
     # ANT interval clustering; intervals also drive per-interval loss logging.
     num_intervals: int = 8
-    intervals: str = "uniform"  # uniform | snr_dp
+    intervals: str = "uniform"  # uniform | snr_dp (ANT's programme) | snr_optimal (its objective's exact minimiser)
     stratified: bool = False  # stratified timestep sampling (forced on by ant_uw, ant_nash, pcgrad)
     uw_lr: float = 0.025
     uw_weight_decay: float = 0.0
@@ -132,7 +132,7 @@ class WeightingConfig:
 
     def __post_init__(self) -> None:
         _choice(self.kind, "weighting.kind", ("uniform", "min_snr", "p2", "ant_uw", "ant_nash", "pcgrad"))
-        _choice(self.intervals, "weighting.intervals", ("uniform", "snr_dp"))
+        _choice(self.intervals, "weighting.intervals", ("uniform", "snr_dp", "snr_optimal"))
         _require(self.num_intervals >= 1, "weighting.num_intervals", "must be >= 1")
         _require(self.min_snr_gamma > 0, "weighting.min_snr_gamma", "must be > 0")
         _require(self.nash_update_every >= 1, "weighting.nash_update_every", "must be >= 1")

@@ -17,13 +17,12 @@ from dtr_scale.diffusion.mtl import NashState, nash_weighted_loss
 from dtr_scale.diffusion.schedules import snr as snr_of
 from dtr_scale.diffusion.weighting import (
     UncertaintyWeighting,
+    interval_boundaries,
     interval_index,
     interval_means,
     min_snr_weight,
     p2_weight,
-    snr_dp_intervals,
     stratified_timesteps,
-    uniform_intervals,
 )
 
 
@@ -41,9 +40,8 @@ class TrainingObjective(nn.Module):
         super().__init__()
         self.diffusion = diffusion
         self.cfg = cfg
-        T = diffusion.num_timesteps
         snr = snr_of(diffusion.alphas_cumprod)
-        bounds = uniform_intervals(T, cfg.num_intervals) if cfg.intervals == "uniform" else snr_dp_intervals(snr, cfg.num_intervals)
+        bounds = interval_boundaries(cfg.intervals, snr, cfg.num_intervals)
         self.register_buffer("boundaries", torch.from_numpy(bounds), persistent=False)
         self.register_buffer("snr", torch.from_numpy(snr).float(), persistent=False)
         self.uw = UncertaintyWeighting(cfg.num_intervals) if cfg.kind == "ant_uw" else None

@@ -57,6 +57,33 @@ def snr_interval_costs(snr: np.ndarray) -> np.ndarray:
     return np.where(left <= right, above + below, np.inf)
 
 
+def best_partition(cost: np.ndarray, k: int, *, ant_search: bool = False) -> np.ndarray:
+    """The k+1 boundaries of the partition of [0, n) into k contiguous intervals that minimises
+    sum_i cost[start_i, end_i - 1]: Bellman's segmentation programme, ties to the earliest split.
+    Every partition into non-empty intervals is searched, or with ant_search only ANT's range
+    (the start of interval c >= 2 searched from index c, so the first interval holds two or more)."""
+    n = cost.shape[0]
+    best = np.full((k + 1, n + 1), np.inf)  # best[c, end]: timesteps [0, end) in c intervals
+    arg = np.zeros((k + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for c in range(1, k + 1):
+        first = 0 if c == 1 else (c if ant_search else c - 1)
+        for end in range(first + 1, n + 1):
+            starts = np.arange(first, end)
+            total = best[c - 1, starts] + cost[starts, end - 1]
+            j = int(np.argmin(total))
+            best[c, end], arg[c, end] = total[j], starts[j]
+    bounds = [n]
+    for c in range(k, 0, -1):
+        bounds.append(int(arg[c, bounds[-1]]))
+    return np.array(bounds[::-1], dtype=np.int64)
+
+
+def partition_cost(cost: np.ndarray, bounds: np.ndarray) -> float:
+    """sum_i cost[start_i, end_i - 1]: the objective of the partition that `bounds` delimit."""
+    return float(sum(cost[left, end - 1] for left, end in zip(bounds[:-1], bounds[1:])))
+
+
 def snr_dp_intervals(snr: np.ndarray, k: int) -> np.ndarray:
     """k contiguous intervals of timesteps by ANT's `snr_based_clustering` (Go et al. 2023):
     the dynamic programme over ANT's interval cost (`snr_interval_costs`); returns the k+1
@@ -69,25 +96,33 @@ def snr_dp_intervals(snr: np.ndarray, k: int) -> np.ndarray:
     timestep of each preceding DP interval as the next start, so every printed interval is one
     step earlier than the partition it optimised: on the linear schedule with k = 8 it prints
     [0, 1, 2, 5, 10, 18, 37, 94] for the partition [0, 2, 3, 6, 11, 19, 38, 95], which is what
-    this returns. The intervals crowd toward tiny t on the linear schedule (SPEC 4)."""
+    this returns. The intervals crowd toward tiny t on the linear schedule (SPEC 4). The search
+    range keeps this from minimising its own cost: snr_optimal_intervals does."""
     n = len(snr)
     if not 1 <= k <= (n if k == 1 else n - 1):  # ANT's first interval holds two timesteps
         raise ValueError(f"weighting.num_intervals={k}: cannot split {n} timesteps into {k} intervals")
-    cost = snr_interval_costs(snr)
-    best = np.full((k + 1, n + 1), np.inf)  # best[c, end]: timesteps [0, end) in c intervals
-    arg = np.zeros((k + 1, n + 1), dtype=np.int64)
-    best[0, 0] = 0.0
-    for c in range(1, k + 1):
-        first = 0 if c == 1 else c  # ANT's split search range
-        for end in range(first + 1, n + 1):
-            starts = np.arange(first, end)
-            total = best[c - 1, starts] + cost[starts, end - 1]
-            j = int(np.argmin(total))
-            best[c, end], arg[c, end] = total[j], starts[j]
-    bounds = [n]
-    for c in range(k, 0, -1):
-        bounds.append(int(arg[c, bounds[-1]]))
-    return np.array(bounds[::-1], dtype=np.int64)
+    return best_partition(snr_interval_costs(snr), k, ant_search=True)
+
+
+def snr_optimal_intervals(snr: np.ndarray, k: int) -> np.ndarray:
+    """The k+1 boundaries of the exact minimiser of ANT's SNR clustering objective (Go et al.
+    2023; the interval cost of `snr_interval_costs`) over every partition of the timesteps into
+    k non-empty contiguous intervals."""
+    n = len(snr)
+    if not 1 <= k <= n:
+        raise ValueError(f"weighting.num_intervals={k}: cannot split {n} timesteps into {k} non-empty intervals")
+    return best_partition(snr_interval_costs(snr), k)
+
+
+def interval_boundaries(kind: str, snr: np.ndarray, k: int) -> np.ndarray:
+    """The k+1 boundaries that weighting.intervals=`kind` (uniform | snr_dp | snr_optimal) gives."""
+    if kind == "uniform":
+        return uniform_intervals(len(snr), k)
+    if kind == "snr_dp":
+        return snr_dp_intervals(snr, k)
+    if kind == "snr_optimal":
+        return snr_optimal_intervals(snr, k)
+    raise ValueError(f"weighting.intervals={kind!r}: choose uniform, snr_dp or snr_optimal")
 
 
 def interval_index(t: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,11 @@ from dtr_scale.diffusion.weighting import (
     interval_means,
     min_snr_weight,
     p2_weight,
+    interval_boundaries,
+    partition_cost,
     snr_dp_intervals,
+    snr_interval_costs,
+    snr_optimal_intervals,
     stratified_timesteps,
     uncertainty_weighted_loss,
     uniform_intervals,
@@ -84,6 +88,49 @@ def test_snr_intervals_on_the_real_schedules_are_ants_partition(schedule):
 def test_snr_intervals_refuse_an_increasing_snr():
     with pytest.raises(ValueError, match="does not increase"):
         snr_dp_intervals(np.array([1.0, 2.0, 3.0]), 2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 9])
+def test_snr_optimal_minimises_the_objective_over_every_partition_into_non_empty_intervals(k):
+    rng = np.random.default_rng(10 + k)
+    for _ in range(5):
+        values = np.sort(rng.exponential(size=9))[::-1] * 100
+        candidates = [[0, *cuts, 9] for cuts in itertools.combinations(range(1, 9), k - 1)]
+        best = min(candidates, key=lambda b: ant_interval_cost(values, b))
+        found = snr_optimal_intervals(values, k)
+        assert found.tolist() == best
+        assert partition_cost(snr_interval_costs(values), found) == pytest.approx(ant_interval_cost(values, best))
+
+
+# The exact optimum of ANT's objective for k = 8 (enumeration above checks the programme; these pin
+# the schedules): a one-timestep first interval, which ANT's split search cannot reach, costs 40% less.
+OPTIMAL = {"linear": ([0, 1, 3, 6, 11, 19, 38, 95, 1000], 5407.350473448402),
+           "cosine": ([0, 1, 3, 6, 11, 21, 44, 113, 1000], 15802.22286057732)}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_snr_optimal_on_the_real_schedules_beats_ants_programme(schedule):
+    values = snr(np.cumprod(1 - make_betas(schedule, 1000)))
+    bounds, cost = OPTIMAL[schedule]
+    assert snr_optimal_intervals(values, 8).tolist() == bounds
+    assert ant_interval_cost(values, bounds) == pytest.approx(cost, rel=1e-9)
+    assert cost < ant_interval_cost(values, snr_dp_intervals(values, 8)) == pytest.approx(ANT_DP_COST[schedule])
+
+
+def test_snr_optimal_splits_into_singletons_at_k_equal_t_and_refuses_more():
+    values = np.array([9.0, 4.0, 1.0])
+    assert snr_optimal_intervals(values, 3).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="num_intervals=4"):
+        snr_optimal_intervals(values, 4)
+
+
+def test_interval_boundaries_names_each_clustering():
+    values = snr(np.cumprod(1 - make_betas("linear", 1000)))
+    assert interval_boundaries("uniform", values, 8).tolist() == uniform_intervals(1000, 8).tolist()
+    assert interval_boundaries("snr_dp", values, 8).tolist() == snr_dp_intervals(values, 8).tolist()
+    assert interval_boundaries("snr_optimal", values, 8).tolist() == OPTIMAL["linear"][0]
+    with pytest.raises(ValueError, match="snr_optimal"):
+        interval_boundaries("kmeans", values, 8)
 
 
 def test_stratified_sampling_puts_batch_over_k_in_each_interval():
