@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
+
+from dtr_scale.eval.features import full_fp32
 
 ADM_REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
 
@@ -84,32 +87,71 @@ def split_inception_score(logits: np.ndarray) -> float:
     return float(np.exp(np.mean(np.sum(np.exp(log_p) * (log_p - log_marginal), axis=1))))
 
 
-def manifold_radii(features: torch.Tensor, k: int = 3, batch_size: int = 1024) -> torch.Tensor:
-    # Kynkaanniemi et al. 2019, eq. 2: radius of each point = distance to its k-th nearest other point
+PR_BLOCK = 10_000  # ADM ManifoldEstimator's row_batch_size = col_batch_size: its float32 fallback is per block
+PR_ARITHMETIC = ("adm", "exact")
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def adm_squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[len(u), len(v)] squared distances as ADM's DistanceBlock (guided-diffusion
+    evaluations/evaluator.py) computes them: max(|u|^2 - 2 u.v + |v|^2, 0) from float16 features,
+    each operation's result rounded to float16, the matmul and the norms accumulated in float32
+    (cuBLAS / TF GPU reductions); the whole block again in float32 if any value is not finite.
+    Each float16 operation is done in float32 and rounded once: float32 holds every sum and
+    product of two float16 numbers closely enough that this equals the float16 operation."""
+    u16, v16 = _fp16(u), _fp16(v)
+    norm_u, norm_v = _fp16(_fp16(u16 * u16).sum(1)), _fp16(_fp16(v16 * v16).sum(1))
+    twice_dot = _fp16(2 * _fp16(u16 @ v16.T))  # may overflow to inf, as in float16
+    d16 = _fp16(_fp16(norm_u[:, None] - twice_dot) + norm_v[None, :]).clamp_min(0)  # -inf clamps to 0, as ADM
+    if torch.isfinite(d16).all():
+        return d16
+    return exact_squared_distances(u.float(), v.float())
+
+
+def exact_squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # ADM's float32 fallback formula, in the features' own precision (float64 for arithmetic="exact")
+    return (u.square().sum(1)[:, None] - 2 * (u @ v.T) + v.square().sum(1)[None, :]).clamp_min(0)
+
+
+def manifold_radii(features: torch.Tensor, k: int, distances: Callable, block: int) -> torch.Tensor:
+    # Kynkaanniemi et al. 2019, eq. 2, as ADM's manifold_radii: the (k+1)-th smallest squared
+    # distance of each row to all points, itself included (so a point's k-th nearest other one)
     if len(features) <= k:
         raise ValueError(f"a k={k} nearest-neighbour manifold needs more than {k} points, got {len(features)}")
-    radii = [torch.cdist(block, features).kthvalue(k + 1, dim=1).values for block in features.split(batch_size)]
-    return torch.cat(radii)
+    return torch.cat([torch.cat([distances(rows, cols) for cols in features.split(block)], dim=1)
+                      .kthvalue(k + 1, dim=1).values for rows in features.split(block)])
 
 
-def fraction_in_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch_size: int = 1024) -> float:
-    # Kynkaanniemi et al. 2019, eq. 1: share of queries inside some support point's k-NN ball
-    inside = [(torch.cdist(block, support) <= radii[None, :]).any(dim=1) for block in queries.split(batch_size)]
-    return float(torch.cat(inside).double().mean())
-
-
-def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = 1024,
-                     device: str | torch.device = "cpu") -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019), k = 3 as ADM: precision is the
-    share of fake samples inside the real k-NN manifold, recall the share of real samples
-    inside the fake one. Distances in float32 blocks of batch_size rows (torch.cdist)."""
-    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)
-    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)
+def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = PR_BLOCK,
+                     device: str | torch.device = "cpu", arithmetic: str = "adm") -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019), k = 3, as ADM's ManifoldEstimator:
+    precision is the share of fake samples inside the real k-NN manifold (a squared distance <=
+    some real point's radius), recall the share of real samples inside the fake one; blocks of
+    batch_size rows and columns, distances of (real block, fake block) computed once for both.
+    arithmetic="adm" (default) reproduces ADM's float16 distances, whose rounding makes near
+    ties count as inside; "exact" computes them in float64. TF32 stays off throughout."""
+    if arithmetic not in PR_ARITHMETIC:
+        raise ValueError(f"eval.pr_arithmetic={arithmetic!r}: choose adm (ADM's float16 numbers) or exact (float64)")
+    dtype, distances = (torch.float32, adm_squared_distances) if arithmetic == "adm" else (
+        torch.float64, exact_squared_distances)
+    real = torch.as_tensor(np.asarray(real_features), dtype=dtype, device=device)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=dtype, device=device)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision/recall needs features [N, D] with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
-    precision = fraction_in_manifold(fake, real, manifold_radii(real, k, batch_size), batch_size)
-    recall = fraction_in_manifold(real, fake, manifold_radii(fake, k, batch_size), batch_size)
-    return precision, recall
+    with full_fp32():
+        real_radii = manifold_radii(real, k, distances, batch_size)
+        fake_radii = manifold_radii(fake, k, distances, batch_size)
+        real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
+        fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
+        for i in range(0, len(real), batch_size):
+            for j in range(0, len(fake), batch_size):
+                d = distances(real[i:i + batch_size], fake[j:j + batch_size])  # ADM's order: reference rows
+                real_in[i:i + batch_size] |= (d <= fake_radii[None, j:j + batch_size]).any(dim=1)
+                fake_in[j:j + batch_size] |= (d <= real_radii[i:i + batch_size, None]).any(dim=0)
+    return float(fake_in.double().mean()), float(real_in.double().mean())
 
 
 def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -5,7 +5,9 @@ before they write into it."""
 from __future__ import annotations
 
 import shutil
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ import torch
 from dtr_scale.config import TrainConfig, to_train_config
 from dtr_scale.train.checkpoint import checkpoint_dir, checkpoint_name, read_meta
 from dtr_scale.train.components import config_from_dict, config_to_dict
+
+# --import-mode=importlib puts no test folder on sys.path; the metric tests import adm_reference.py.
+sys.path.insert(0, str(Path(__file__).parent))
 
 TRAIN_STEPS = 250
 

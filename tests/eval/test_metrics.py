@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
+from adm_reference import compute_prec_recall, spatial_features
 
 from dtr_scale.eval import metrics
+from dtr_scale.eval.features import sfid_features
 from dtr_scale.eval.metrics import (
     class_accuracy,
     feature_statistics,
@@ -151,6 +154,76 @@ def test_precision_recall_radius_is_kth_nearest_other_point(k, recall):
     fake = line(np.concatenate([np.arange(10.0) + 0.5, 1000.0 + np.arange(10.0)]))
     assert precision_recall(real, fake, k=k) == pytest.approx((0.5, recall))
     assert precision_recall(real, fake, k=k, batch_size=3) == pytest.approx((0.5, recall))
+
+
+def quantised_inception_like(rng, n, mean, dim=64):
+    # post-ReLU features on a 1/16 grid: every float32 sum and product of their float16 values is
+    # exact, so any summation order (numpy's, torch's, cuBLAS's) gives the same float16 distances
+    return np.round(np.maximum(rng.normal(mean, 1.0, size=(n, dim)), 0) * 16) / 16
+
+
+@pytest.mark.parametrize("batch_size", [10_000, 64])
+def test_precision_recall_equal_adms_manifold_estimator(batch_size):
+    rng = np.random.default_rng(0)
+    real, fake = quantised_inception_like(rng, 300, 0.5), quantised_inception_like(rng, 200, 0.7)
+    adm = compute_prec_recall(real, fake, batch=batch_size)
+    assert precision_recall(real, fake, batch_size=batch_size) == adm == (0.405, 266 / 300)
+    # float16 rounding turns near misses into ties, and ties count as inside: recall runs higher
+    assert precision_recall(real, fake, arithmetic="exact") == (0.405, 265 / 300)
+
+
+def test_precision_recall_ties_and_exact_duplicates_by_hand():
+    # four exact duplicates of x = 100: each one's radius is 0 in any arithmetic (itself and
+    # three copies at distance 0). ADM's float16: 100^2 = 10000; against 102, 100 * 102 = 10200
+    # and 2 * 10200 = 20400 are exact, 102^2 = 10404 rounds to 10400 (spacing 8, ties to even),
+    # so 10000 - 20400 + 10400 = 0 <= 0: inside. Against 110: 12100 -> 12096, distance 96: outside.
+    real = np.full((4, 1), 100.0)
+    fake = np.array([[100.0], [102.0], [110.0], [120.0]])
+    assert compute_prec_recall(real, fake) == (0.5, 1.0)
+    assert precision_recall(real, fake) == (0.5, 1.0)
+    assert precision_recall(real, fake, arithmetic="exact") == (0.25, 1.0)  # only the duplicate is inside
+
+
+def test_a_block_with_a_non_finite_float16_distance_is_redone_in_float32_as_adm():
+    rng = np.random.default_rng(1)
+    real, fake = quantised_inception_like(rng, 40, 0.5, dim=16), quantised_inception_like(rng, 30, 0.6, dim=16)
+    fake[25] = 70.0  # |v|^2 = 78,400 overflows float16 (max 65,504): its blocks fall back to float32
+    for batch_size in (16, 10_000):
+        adm = compute_prec_recall(real, fake, batch=batch_size)
+        assert precision_recall(real, fake, batch_size=batch_size) == adm
+    assert metrics.adm_squared_distances(torch.tensor(fake[25:26]), torch.tensor(fake[25:26])).item() == 0.0
+
+
+def test_precision_recall_run_without_tf32_and_restore_it(monkeypatch):
+    seen = []
+    adm_distances = metrics.adm_squared_distances
+    monkeypatch.setattr(metrics, "adm_squared_distances", lambda u, v: (
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())), adm_distances(u, v))[1])
+    saved = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        points = np.random.default_rng(2).normal(size=(20, 4))
+        assert precision_recall(points, points + 0.01) == (1.0, 1.0)
+        assert seen and set(seen) == {(False, "highest")}
+        assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32) == ("high", True)
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32 = saved[1]
+
+
+def test_precision_recall_names_the_arithmetics():
+    with pytest.raises(ValueError, match="eval.pr_arithmetic='fp16'.*adm.*exact"):
+        precision_recall(np.zeros((5, 2)), np.zeros((5, 2)), arithmetic="fp16")
+
+
+def test_sfid_features_are_adms_layout():
+    # ADM: TF's NHWC mixed_6/conv, channels :7, each image flattened (h, w, c) with c fastest
+    mixed_6_conv = torch.randn(3, 192, 17, 17, generator=torch.Generator().manual_seed(0))
+    ours = sfid_features(mixed_6_conv).numpy()
+    assert ours.shape == (3, 17 * 17 * 7)
+    np.testing.assert_array_equal(ours, spatial_features(mixed_6_conv.permute(0, 2, 3, 1).numpy()))
+    assert ours[1, 7 * (17 * 2 + 5) + 4] == mixed_6_conv[1, 4, 2, 5]  # row 2, column 5, channel 4
 
 
 def test_precision_recall_needs_more_points_than_k():
