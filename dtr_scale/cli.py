@@ -12,6 +12,10 @@
 
 `dtr-scale SUBCOMMAND --help` shows each one's options. train, eval and plan share
 Hydra's command line: key=value, group=option, --cfg job, --config-dir DIR, -m.
+
+Exit status: 0 done, 1 a failure while working, 2 a usage or config error (found before
+anything is written or submitted); either failure is one line on stderr naming the key or file
+and the fix. --verbose (or HYDRA_FULL_ERROR=1) prints the traceback as well.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def _sample() -> None:
     main()
 
 
+# These parse --verbose themselves (command_line.run_hydra); for the others it is taken off here.
+HYDRA_COMMANDS = ("train", "eval", "plan")
 COMMANDS: dict[str, Callable[[], None]] = {
     "prep": _prep, "train": _train, "eval": _eval, "plan": _plan, "status": _status, "compare": _compare,
     "export": _export, "sample": _sample,
@@ -104,17 +110,26 @@ COMMANDS: dict[str, Callable[[], None]] = {
 
 
 def main() -> None:
+    from dtr_scale.command_line import errors_reported, take_verbose
+
     if sys.argv[1:2] == ["--version"]:
         from dtr_scale import __version__
 
         print(f"dtr-scale {__version__}")
         return
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") else 2)
+        return
     command = sys.argv.pop(1)
-    sys.argv[0] = f"dtr-scale {command}"
-    COMMANDS[command]()
+    if command not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        print(f"dtr-scale: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+              f"(`dtr-scale COMMAND --help` for each)", file=sys.stderr)
+        sys.exit(2)
+    verbose, args = take_verbose(sys.argv[1:])
+    sys.argv = [f"dtr-scale {command}", *args, *(["--verbose"] if verbose and command in HYDRA_COMMANDS else [])]
+    with errors_reported(command, verbose):
+        COMMANDS[command]()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
 """Hydra's command line, as the train, eval and plan commands share it: the packaged configs
 composed with key=value and group=option overrides, the subcommand's own flags beside them,
-and one way to report a config a command cannot use."""
+and one way to report what went wrong.
+
+Exit status, for every subcommand: 0 done; 1 a failure while working (a crash, a failed job);
+2 a usage or config error, found before anything was written or submitted. Either failure is one
+line on stderr, `dtr-scale COMMAND: config error: ...` or `dtr-scale COMMAND: error: ...`, naming
+the key or file and what to do; the traceback only with --verbose (or HYDRA_FULL_ERROR=1)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -17,6 +27,9 @@ if TYPE_CHECKING:
 # The packaged configs; a user's --config-dir is searched first and layers on top.
 HYDRA_CONFIG_PATH = "pkg://dtr_scale.configs"
 NULL_CLUSTER = ("cluster=null", "cluster=None", "cluster=none")
+VERBOSE_FLAG = "--verbose"
+# Hydra's own switch for full tracebacks; --verbose sets the same, so one switch serves both.
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 
 
 def hydra_overrides(command: str, args: list[str]) -> list[str]:
@@ -46,19 +59,135 @@ def flag_parser(command: str) -> argparse.ArgumentParser:
                                    usage=f"dtr-scale {command} [flags] [key=value ...] [group=option ...]")
 
 
+def take_verbose(args: list[str]) -> tuple[bool, list[str]]:
+    """(whether tracebacks are wanted: --verbose or HYDRA_FULL_ERROR=1, args without --verbose)."""
+    rest = [arg for arg in args if arg != VERBOSE_FLAG]
+    return len(rest) < len(args) or os.environ.get(FULL_ERROR_ENV) == "1", rest
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error message on one line (Hydra's and OmegaConf's span several, and Hydra's end with
+    its config search path, which tells a user nothing)."""
+    lines = []
+    for line in str(err).splitlines():
+        if line.startswith("Config search path"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or type(err).__name__
+
+
+def exit_config_error(command: str, err: BaseException | str) -> NoReturn:
+    """Every subcommand reports a config it cannot use the same way: one line on stderr (one per
+    problem where a check found several), status 2."""
+    for problem in getattr(err, "problems", None) or [err]:
+        print(f"dtr-scale {command}: config error: {one_line(problem)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _traceback_to_log_files(err: BaseException) -> list[str]:
+    """Write err's traceback to the log files open now (a run's train.log), so a crash deep in a
+    long run keeps its traceback without printing it; returns those files."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = logging.LogRecord("dtr_scale", logging.ERROR, __file__, 0, "%s", (one_line(err),),
+                               (type(err), err, err.__traceback__))
+    for handler in files:
+        handler.handle(record)
+    return [handler.baseFilename for handler in files]
+
+
+def exit_failure(command: str, err: BaseException) -> NoReturn:
+    """A failure while working: the exception on one line, status 1."""
+    files = _traceback_to_log_files(err)
+    where = f"traceback in {', '.join(files)}; " if files else ""
+    print(f"dtr-scale {command}: error: {type(err).__name__}: {one_line(err)} ({where}rerun with {VERBOSE_FLAG} "
+          f"to print it)", file=sys.stderr)
+    sys.exit(1)
+
+
+@contextlib.contextmanager
+def errors_reported(command: str, verbose: bool) -> Iterator[None]:
+    """The exit-status convention around a command's work: a ConfigError exits 2, any other
+    exception 1, each as one line; with `verbose` the exception goes on, traceback and all."""
+    try:
+        yield
+    except Exception as err:
+        if verbose:
+            raise
+        from dtr_scale.config import ConfigError
+
+        if isinstance(err, ConfigError):
+            exit_config_error(command, err)
+        exit_failure(command, err)
+
+
+def model_group_option(name: str) -> str:
+    """The model group's option for a DiT size name: DiT-XL/2 -> dit_xl2."""
+    return name.lower().replace("-", "_").replace("/", "")
+
+
+def refuse_model_name_alone(args: list[str]) -> None:
+    """DiT's `--model DiT-XL/2` habit: `model.name=DiT-XL/2` without `model=...` would rename the
+    default model (model=tiny) and keep its depth, width and 8 x 8 latents. A preset has one
+    spelling, the model group, so refuse it and name the option that means what was typed."""
+    from dtr_scale.config import ConfigError
+
+    names = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith("model.name=")]
+    if not names or any(arg.startswith("model=") for arg in args):
+        return
+    option = model_group_option(names[-1])
+    available = sorted(p.stem for p in (Path(__file__).parent / "configs" / "model").glob("*.yaml"))
+    pick = (f"select the preset with model={option} instead" if option in available else
+            f"select a preset with model=NAME (one of {', '.join(available)}) and set model.name, "
+            f"model.patch_size, ... on top of it")
+    raise ConfigError(f"model.name={names[-1]}: the name alone keeps the default model group's depth, width "
+                      f"and latent size (model=tiny); {pick}")
+
+
+@contextlib.contextmanager
+def _full_error(on: bool) -> Iterator[None]:
+    """HYDRA_FULL_ERROR=1 inside (unset with on=False); as it was after."""
+    before = os.environ.get(FULL_ERROR_ENV)
+    if on:
+        os.environ[FULL_ERROR_ENV] = "1"
+    else:
+        os.environ.pop(FULL_ERROR_ENV, None)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FULL_ERROR_ENV, None)
+        else:
+            os.environ[FULL_ERROR_ENV] = before
+
+
 def run_hydra(command: str, config_name: str, task: Callable[[DictConfig], None], args: list[str]) -> None:
     """Compose configs/<config_name>.yaml with the overrides in `args` and call task(config);
-    --help, --cfg job, --config-dir and -m are Hydra's."""
+    --help, --cfg job, --config-dir and -m are Hydra's. Errors follow the module's convention:
+    what Hydra raises while composing (or a launch check in a Hydra callback) is a config error,
+    what the task raises a failure."""
     import hydra
 
+    verbose, args = take_verbose(args)
+    with errors_reported(command, verbose):
+        refuse_model_name_alone(args)
     sys.argv = [f"dtr-scale {command}", *hydra_overrides(command, args)]
-    hydra.main(config_path=HYDRA_CONFIG_PATH, config_name=config_name, version_base="1.3")(task)()
 
+    @functools.wraps(task)
+    def reported(raw: DictConfig) -> None:
+        # Jobs and processes the task starts inherit HYDRA_FULL_ERROR only if the user set it.
+        with _full_error(verbose), errors_reported(command, verbose):
+            task(raw)
 
-def exit_config_error(command: str, err: Exception) -> NoReturn:
-    """Every subcommand reports a config it cannot use the same way: the reason on stderr, status 2."""
-    print(f"dtr-scale {command}: config error: {err}", file=sys.stderr)
-    sys.exit(2)
+    # Hydra prints its own errors on several lines and exits 1, unless HYDRA_FULL_ERROR asks it
+    # to raise: then it raises, and the error is reported here like any other config error.
+    with _full_error(True):
+        try:
+            hydra.main(config_path=HYDRA_CONFIG_PATH, config_name=config_name, version_base="1.3")(reported)()
+        except Exception as err:
+            if verbose:
+                raise
+            exit_config_error(command, f"{one_line(err)} (`dtr-scale {command} --help` lists the groups and keys)")
 
 
 def config_or_exit(raw: DictConfig, command: str) -> TrainConfig:

@@ -23,26 +23,23 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import submitit
-import torch
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
-from dtr_scale.command_line import config_or_exit, exit_config_error, run_hydra
-from dtr_scale.config import ConfigError, TrainConfig, resume_changes
-from dtr_scale.data.synthetic import SyntheticLatents
-from dtr_scale.eval import watcher
-from dtr_scale.eval.results import results_table
-from dtr_scale.eval.sample import sample_from_checkpoint
-from dtr_scale.launch.environment import launched_world
-from dtr_scale.launch.follow import JobFailed, follow_job
-from dtr_scale.launch.launched import train_in_launched_world
-from dtr_scale.launch.submit import submit_training
-from dtr_scale.status import format_status, run_status
-from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
-from dtr_scale.train.components import config_to_dict
-from dtr_scale.train.local import run_processes
-from dtr_scale.train.loop import TrainResult, train
+from dtr_scale.command_line import exit_config_error, run_hydra
+from dtr_scale.config import ConfigError, TrainConfig, resume_changes, to_train_config
+from dtr_scale.preflight import check_launch, data_problems, will_prepare_digits
+from dtr_scale.train.manifest import latest_checkpoint, read_meta
+
+if TYPE_CHECKING:
+    import submitit
+
+    from dtr_scale.train.loop import TrainResult
+
+# torch, DCP, submitit and the trainer are imported where a run starts, not here: --help, --cfg
+# job and a refused config answer in well under a second (tests/test_cli.py times them).
 
 log = logging.getLogger("dtr_scale")
 
@@ -50,25 +47,38 @@ log = logging.getLogger("dtr_scale")
 def trainer(cfg: TrainConfig) -> Callable[..., TrainResult]:
     """train() with the evaluator's at-save hook of `cfg` (eval.at_save); it pickles, so a
     submitted job takes it along."""
+    from dtr_scale.eval import watcher
+    from dtr_scale.train.loop import train
+
     return functools.partial(train, on_checkpoint=watcher.at_save_hook(cfg))
 
 
 def submit_run(cfg: TrainConfig) -> submitit.Job:
     """Submit training of `cfg` on cfg.cluster, with evaluation jobs at save time if cfg asks."""
+    from dtr_scale.launch.submit import submit_training
+
     return submit_training(cfg, cfg.cluster, train_fn=trainer(cfg))
 
 
 def prepare_embedded_data(cfg: TrainConfig) -> None:
-    if cfg.data.embedded and not (Path(cfg.data.path) / "manifest.json").exists():
+    if will_prepare_digits(cfg):
         from dtr_scale.data_prep.digits import prepare_digits
 
         log.info("preparing the embedded digits into %s", cfg.data.path)
         prepare_digits(cfg.data.path, format=cfg.data.format)
+        problems = data_problems(cfg)  # before preparing, only data.path's writability was checked
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 def report_synthetic_samples(cfg: TrainConfig) -> None:
     """Toy latents have a known answer: how close do samples of the final EMA model land to
     their class's pattern, against the data's own noise and against pure noise?"""
+    import torch
+
+    from dtr_scale.data.synthetic import SyntheticLatents
+    from dtr_scale.eval.sample import sample_from_checkpoint
+
     ckpt = latest_checkpoint(cfg.run_dir)
     labels = torch.arange(cfg.sample_at_end) % cfg.model.num_classes
     latents = sample_from_checkpoint(ckpt, labels, seed=cfg.seed, progress=True)
@@ -82,6 +92,8 @@ def report_synthetic_samples(cfg: TrainConfig) -> None:
 
 def evaluate_beside(cfg: TrainConfig) -> Callable[[], None] | None:
     """While following a job: score each due checkpoint here as it appears."""
+    from dtr_scale.eval import watcher
+
     if not (cfg.eval.inline and cfg.data.kind == "shards"):
         return None
     return lambda: watcher.sweep(cfg.run_dir, cfg, mode="inline", finished=False)
@@ -92,6 +104,10 @@ def after_training(cfg: TrainConfig) -> None:
         if cfg.sample_at_end > 0:
             report_synthetic_samples(cfg)
     elif cfg.eval.inline:
+        from dtr_scale.eval import watcher
+        from dtr_scale.eval.results import results_table
+        from dtr_scale.status import format_status, run_status
+
         watcher.run_eval(cfg)  # the due checkpoints not scored yet, and the final one; table and plot
         log.info("\n%s", format_status(run_status(cfg.run_dir), results_table(cfg.run_dir)))
 
@@ -106,6 +122,13 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def run_training(cfg: TrainConfig) -> None:
     """Train `cfg` here or as a submitted job; when this process sees the end, evaluate."""
+    from dtr_scale.eval import watcher
+    from dtr_scale.launch.environment import launched_world
+    from dtr_scale.launch.follow import follow_job
+    from dtr_scale.launch.launched import train_in_launched_world
+    from dtr_scale.train.local import run_processes
+    from dtr_scale.train.loop import train
+
     cfg = absolute_paths(cfg)
     at_save = watcher.at_save_hook(cfg)
     launched = launched_world()
@@ -143,6 +166,8 @@ def check_resume(cfg: TrainConfig) -> None:
     newest = latest_checkpoint(cfg.run_dir)
     if newest is None:
         return
+    from dtr_scale.train.components import config_to_dict
+
     breaking, harmless = resume_changes(read_meta(newest)["config"], config_to_dict(cfg))
     for change in harmless:
         log.info("resuming %s with a changed %s", cfg.run_dir, change)
@@ -152,10 +177,45 @@ def check_resume(cfg: TrainConfig) -> None:
                           f"those overrides), or give a new run_dir to start a new run")
 
 
+def checked_config(raw: DictConfig) -> TrainConfig:
+    """The typed config of a launch that can start: schema and values, a resume that keeps its
+    run's settings, and every launch check (dtr_scale/preflight.py); else ConfigError."""
+    cfg = absolute_paths(to_train_config(raw))
+    check_resume(cfg)
+    check_launch(cfg)
+    return cfg
+
+
+def job_config(config: DictConfig) -> DictConfig:
+    """The task's config as Hydra has it before the run directory exists: without the `hydra`
+    node, and run_dir's default (${hydra:runtime.output_dir}, set only once the directory is
+    made) read from hydra.run.dir, the directory Hydra is about to make."""
+    job = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    if OmegaConf.to_container(config, resolve=False).get("run_dir") == "${hydra:runtime.output_dir}":
+        job.run_dir = OmegaConf.select(config, "hydra.run.dir")
+    return job
+
+
+class LaunchCheck(Callback):
+    """Hydra calls on_run_start after composing the config and before it creates the run directory
+    (train.yaml names this callback): a launch that cannot work stops here, leaving no runs/DATE/TIME.
+    Exceptions in callbacks only warn in Hydra, so it exits itself. (Multirun jobs are checked by
+    train_command, inside the directory their sweep made.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.job.name != "train":
+            return  # plan and eval compose train.yaml too, and launch nothing
+        try:
+            checked_config(job_config(config))
+        except ConfigError as err:
+            exit_config_error("train", err)
+
+
 def train_command(raw: DictConfig) -> None:
-    cfg = absolute_paths(config_or_exit(raw, "train"))
+    from dtr_scale.launch.follow import JobFailed
+
     try:
-        check_resume(cfg)
+        cfg = checked_config(raw)
     except ConfigError as err:
         exit_config_error("train", err)
     try:
