@@ -12,6 +12,8 @@ because its order changes with the number of ranks and workers and it cannot res
 Workers: worker w of n builds the batches of steps start + w, start + w + n, ...; torch's DataLoader hands
 them back round-robin, i.e. in step order, so the sequence does not depend on num_workers either.
 Random access assumes the shards sit on a filesystem with a page cache (node-local disk is fastest).
+With `remote` (s3://bucket/prefix, gs://...), `path` is the node-local cache the shards are fetched into
+on their first read (remote.py); integrity is checked the same way for both (integrity.py).
 The training loop wraps any loader in DevicePrefetcher (below): batches arrive on the GPU one step ahead.
 """
 
@@ -24,9 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dtr_scale.data.integrity import verify_dataset
 from dtr_scale.data.latents import draw_noise_and_flips, sample_latents
 from dtr_scale.data.order import BatchOrder
 from dtr_scale.data.readers import open_reader
+from dtr_scale.data.remote import Fetcher, fetch_dataset_files
 from dtr_scale.data.shard_format import FORMATS, ShardDataError, read_manifest
 
 __all__ = ["DevicePrefetcher", "ShardLoader", "build_shard_loader", "read_manifest", "load_batch"]
@@ -50,14 +54,15 @@ def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest
 class _RankBatches(IterableDataset):
     """This rank's batches from `start_step` on, split across DataLoader workers by step."""
 
-    def __init__(self, root: str, manifest: dict, order: BatchOrder, start_step: int, hflip: bool) -> None:
+    def __init__(self, root: str, manifest: dict, order: BatchOrder, start_step: int, hflip: bool,
+                 fetch: Fetcher | None) -> None:
         self.root, self.manifest, self.order, self.start_step = root, manifest, order, start_step
-        self.hflip = hflip
+        self.hflip, self.fetch = hflip, fetch
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        reader = open_reader(self.root, self.manifest)  # opened here: one per worker process
+        reader = open_reader(self.root, self.manifest, self.fetch)  # opened here: one per worker process
         for step in itertools.count(self.start_step + worker_id, num_workers):
             yield load_batch(reader, self.order.rank_positions(step), epoch=self.order.epoch(step),
                              seed=self.order.seed, manifest=self.manifest, hflip=self.hflip)
@@ -67,9 +72,9 @@ class ShardLoader:
     """An endless iterator of this rank's batches; its position is the number of global steps consumed."""
 
     def __init__(self, root: str, manifest: dict, order: BatchOrder, num_workers: int = 0,
-                 hflip: bool = True) -> None:
+                 hflip: bool = True, fetch: Fetcher | None = None) -> None:
         self.root, self.manifest, self.order, self.num_workers = root, manifest, order, num_workers
-        self.hflip = hflip
+        self.hflip, self.fetch = hflip, fetch
         self.step = 0
         self._batches = None
 
@@ -86,7 +91,7 @@ class ShardLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
-            stream = _RankBatches(self.root, self.manifest, self.order, self.step, self.hflip)
+            stream = _RankBatches(self.root, self.manifest, self.order, self.step, self.hflip, self.fetch)
             # Workers prefetch ahead; `step` counts only the batches handed out, so the state stays exact.
             self._batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
         batch = next(self._batches)
@@ -113,20 +118,23 @@ class ShardLoader:
 
 
 def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: int, world_size: int,
-                       seed: int, num_workers: int = 0, hflip: bool = True) -> ShardLoader:
-    """The loader of the prepared dataset at `path` (a directory with manifest.json); hflip: draw
-    the image or its stored horizontal flip per sample and epoch (DiT's augmentation)."""
-    manifest = read_manifest(path)
+                       seed: int, num_workers: int = 0, hflip: bool = True, remote: str | None = None) -> ShardLoader:
+    """The loader of the prepared dataset at `path` (a directory with manifest.json), or of the one at
+    `remote` with `path` as its local cache; hflip: draw the image or its stored horizontal flip per sample
+    and epoch (DiT's augmentation)."""
+    manifest = fetch_dataset_files(remote, path) if remote else read_manifest(path)
     if format not in FORMATS:
         raise ShardDataError(f"data.format={format!r} is not one of {', '.join(FORMATS)}")
     if manifest["format"] != format:
         raise ShardDataError(f"data.format={format} but the shards at {path} are {manifest['format']}; "
                              f"set data.format={manifest['format']}")
     order = BatchOrder(manifest["num_samples"], global_batch_size, rank, world_size, seed)
-    # Opening a reader here checks the shards against the manifest now, and imports the format's library
-    # once in this process instead of once in every worker.
-    open_reader(path, manifest)
-    return ShardLoader(path, manifest, order, num_workers, hflip)
+    # Here, before any worker starts: the one full hash of shards not yet verified on this filesystem (the ranks
+    # of a node take turns, the first does the work), and the format's library imported once, not per worker.
+    verify_dataset(path, manifest)
+    fetch = Fetcher(remote, path) if remote else None
+    open_reader(path, manifest, fetch)
+    return ShardLoader(path, manifest, order, num_workers, hflip, fetch)
 
 
 class DevicePrefetcher:

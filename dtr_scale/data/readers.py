@@ -4,9 +4,10 @@ Both formats are read by position so that one sampler (order.py) decides the ord
 through streaming's random-access reader (`LocalDataset` finds a sample's bytes); webdataset tars through
 the per-shard offset index written beside each tar at prep time (`build_tar_index`).
 Readers open files per read and hold no handles, so they are safe to build before DataLoader workers fork.
-Each shard is checked against the sha256 that prep recorded in manifest.json the first time a reader
-(one per DataLoader worker) reads from it, so a damaged shard stops training with its name, never feeds
-it wrong numbers.
+Integrity (integrity.py): a shard's first read makes sure it was hashed once against manifest.json (a stat
+against the shared verified mark, usually), and every sample read is compared with the hash prep stored
+for it, so a damaged shard stops training naming the shard and the sample, never feeds it wrong numbers.
+A remote dataset's reader fetches each shard's files into the local cache on their first read (`fetch`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 
 import numpy as np
 
-from dtr_scale.data.shard_format import ShardDataError, build_tar_index, check_shard, tar_index_path
+from dtr_scale.data.integrity import ShardChecks
+from dtr_scale.data.remote import Fetcher
+from dtr_scale.data.shard_format import ShardDataError, build_tar_index, tar_index_path
 
 
 def fixed_column_offsets(column_names: list[str], column_sizes: list[int | None]) -> dict[str, int]:
@@ -40,7 +43,7 @@ class MDSReader:
     from their fixed offsets, because streaming's generic decoder (every column, every sample, the column
     encodings re-parsed each time) costs more than the rest of the loader together."""
 
-    def __init__(self, root: str, manifest: dict) -> None:
+    def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None) -> None:
         from streaming import LocalDataset  # heavy import, only where MDS is read
 
         try:
@@ -48,10 +51,14 @@ class MDSReader:
         except (ValueError, KeyError, TypeError) as err:  # a damaged index.json (JSONDecodeError is a ValueError)
             raise ShardDataError(f"{os.path.join(root, 'index.json')} cannot be read ({type(err).__name__}: {err}); "
                                  f"rerun `dtr-prep merge {root}` to rewrite it") from err
-        self._root = root
-        sums = {shard["path"]: shard["sha256"] for shard in manifest["shards"]}
-        self._sha256 = [sums.get(s.raw_data.basename) for s in self._dataset.shards]
-        self._checked: set[int] = set()
+        entries = {shard["path"]: shard for shard in manifest["shards"]}
+        unknown = [s.raw_data.basename for s in self._dataset.shards if s.raw_data.basename not in entries]
+        if unknown:
+            raise ShardDataError(f"{os.path.join(root, 'index.json')} lists shards that manifest.json does not "
+                                 f"({', '.join(unknown[:3])}); the two belong to different datasets, rerun "
+                                 f"`dtr-prep merge {root}`")
+        in_index_order = {"shards": [entries[s.raw_data.basename] for s in self._dataset.shards]}
+        self._checks = ShardChecks(root, in_index_order, [s.raw_data.bytes for s in self._dataset.shards], fetch)
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
         self._count = int(np.prod(self._shape))
@@ -67,21 +74,17 @@ class MDSReader:
     def read(self, position: int) -> tuple[np.ndarray, int]:
         """(moments [2, 2C, h, w], label) of the sample at this global position."""
         shard, index = self._dataset.spanner[position]
-        if shard not in self._checked:
-            raw = self._dataset.shards[shard].raw_data
-            check_shard(self._root, os.path.join(self._root, raw.basename), self._sha256[shard],
-                        expected_bytes=raw.bytes, position=position)
-            self._checked.add(shard)
+        self._checks.ready(shard, position)
         data = self._dataset.shards[shard].get_sample_data(index)
+        self._checks.check(shard, index, data, position)
         offsets = self._offsets[shard]
         moments = np.frombuffer(data, self._dtype, self._count, offsets["moments"]).reshape(self._shape)
         return moments, int(np.frombuffer(data, np.int64, 1, offsets["label"])[0])
 
 
 class TarReader:
-    def __init__(self, root: str, manifest: dict) -> None:
-        self._root = root
-        self._shards = manifest["shards"]
+    def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None) -> None:
+        self._checks = ShardChecks(root, manifest, [shard.get("bytes") for shard in manifest["shards"]], fetch)
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -96,11 +99,9 @@ class TarReader:
     def _index(self, shard: int, position: int) -> np.ndarray:
         """The shard's offset index, after checking the shard (and its index file) against the manifest."""
         if shard not in self._indexes:
-            path, entry = self._paths[shard], self._shards[shard]
-            check_shard(self._root, path, entry["sha256"], position=position)
+            self._checks.ready(shard, position)
+            path = self._paths[shard]
             sidecar = tar_index_path(path)
-            if os.path.exists(sidecar) and "index_sha256" in entry:
-                check_shard(self._root, sidecar, entry["index_sha256"], position=position)
             self._indexes[shard] = np.load(sidecar) if os.path.exists(sidecar) else build_tar_index(path)
         return self._indexes[shard]
 
@@ -111,6 +112,7 @@ class TarReader:
         with open(self._paths[shard], "rb", buffering=0) as f:
             f.seek(int(offset))
             data = f.read(int(nbytes))
+        self._checks.check(shard, position - int(self._starts[shard]), data, position)
         return np.frombuffer(data, self._dtype).reshape(self._shape), int(label)
 
 
@@ -121,5 +123,6 @@ def _check_count(root: str, found: int, manifest: dict) -> None:
                              f"`dtr-prep merge {root}`")
 
 
-def open_reader(root: str, manifest: dict) -> MDSReader | TarReader:
-    return MDSReader(root, manifest) if manifest["format"] == "mds" else TarReader(root, manifest)
+def open_reader(root: str, manifest: dict, fetch: Fetcher | None = None) -> MDSReader | TarReader:
+    """The reader of a prepared dataset; `fetch(relpath)` brings a remote dataset's file into `root` first."""
+    return (MDSReader if manifest["format"] == "mds" else TarReader)(root, manifest, fetch)

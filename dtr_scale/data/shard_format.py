@@ -90,21 +90,3 @@ def file_sha256(path: str) -> str:
     """The sha256 of a file's bytes, the checksum prep records for every shard."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def check_shard(root: str, path: str, expected_sha256: str, *, expected_bytes: int | None = None,
-                position: int | None = None) -> None:
-    """Raise ShardDataError naming the shard (and the sample being read) if its bytes are not the ones
-    prep wrote: missing, truncated, or altered with the size kept (a flipped bit)."""
-    where = f" (reading sample {position})" if position is not None else ""
-    fix = (f"run `dtr-prep verify {root}` to list every damaged shard, delete their chunk directories, then rerun "
-           "`dtr-prep images` with the same source and settings (finished chunks are kept) and `dtr-prep merge`")
-    if not os.path.isfile(path):
-        raise ShardDataError(f"shard {path} is missing{where}; {fix}")
-    size = os.path.getsize(path)
-    if expected_bytes is not None and size != expected_bytes:
-        raise ShardDataError(f"shard {path} is truncated or damaged{where}: {size} bytes, prep wrote "
-                             f"{expected_bytes}; {fix}")
-    if file_sha256(path) != expected_sha256:
-        raise ShardDataError(f"shard {path} does not match the sha256 that manifest.json records for it{where} "
-                             f"({size} bytes): it was damaged after prep (a flipped bit, a bad copy); {fix}")

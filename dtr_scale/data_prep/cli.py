@@ -90,6 +90,10 @@ def run_verify(args: argparse.Namespace) -> None:
         raise PrepError(f"{len(bad)} shard(s) in {args.out} do not match their checksum: {', '.join(bad[:10])}; "
                         "delete their chunk directories, rerun prep for those parts and merge again")
     print(f"{args.out}: all shards match manifest.json")
+    if args.add_sample_hashes:
+        from dtr_scale.data_prep.merge import add_sample_hashes
+
+        print(f"{args.out}: per-sample hashes added to {add_sample_hashes(args.out)} chunk(s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,11 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--format", choices=FORMATS, default="mds")
     digits.set_defaults(run=run_digits)
 
-    for name, run, text in (("merge", run_merge, "join finished parts: index, report and manifest"),
-                            ("verify", run_verify, "recheck every shard against its manifest checksum")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("out")
-        command.set_defaults(run=run)
+    merge = commands.add_parser("merge", help="join finished parts: index, report and manifest")
+    merge.add_argument("out")
+    merge.set_defaults(run=run_merge)
+
+    verify = commands.add_parser("verify", help="rehash every shard against manifest.json and renew the verified "
+                                                "mark that spares the loaders this pass")
+    verify.add_argument("out")
+    verify.add_argument("--add-sample-hashes", action="store_true",
+                        help="then give a dataset prepared without per-sample hashes its hash files")
+    verify.set_defaults(run=run_verify)
     return parser
 
 

@@ -12,10 +12,15 @@ import re
 import shutil
 import tempfile
 
+import numpy as np
+
 from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, REPORT_NAME, PrepError, chunk_dir, chunk_is_done,
                                         chunk_ranges, parts_of_chunks, write_json_atomic)
 from dtr_scale.data_prep.prepare import record_sha256
-from dtr_scale.data.shard_format import MANIFEST_NAME, file_sha256, tar_index_path
+from dtr_scale.data.integrity import (SAMPLE_HASH_SUFFIX, hash_into, record_verified, sample_hash_path, shard_files,
+                                      update_mark)
+from dtr_scale.data.shard_format import MANIFEST_NAME, TAR_SHARD_NAME, file_sha256, read_manifest, tar_index_path
+from dtr_scale.data_prep.writers import write_mds_sample_hashes, write_tar_sample_hashes
 from dtr_scale.io import fsync_dir, read_json
 
 log = logging.getLogger(__name__)
@@ -142,13 +147,34 @@ def merge(out: str) -> dict:
 
 
 def verify(out: str) -> list[str]:
-    """Shards whose checksum no longer matches the manifest (empty when the dataset is intact)."""
-    manifest = read_json(os.path.join(out, MANIFEST_NAME))
-    def intact(shard: dict) -> bool:
-        path = os.path.join(out, shard["path"])
-        files = [(path, shard["sha256"])]
-        if "index_sha256" in shard:
-            files.append((tar_index_path(path), shard["index_sha256"]))
-        return all(os.path.isfile(p) and file_sha256(p) == sha256 for p, sha256 in files)
+    """Rehash every shard file against the manifest (the verified mark is rewritten: intact files marked,
+    damaged ones dropped); the shards that do not match (empty when the dataset is intact)."""
+    manifest = read_manifest(out)
+    bad: list[str] = []
+    files = [f for entry in manifest["shards"] for f in shard_files(entry)]
+    update_mark(out, lambda marked: bad.extend(hash_into(out, marked, files, again=True)))
+    return [entry["path"] for entry in manifest["shards"] if {p for p, _ in shard_files(entry)} & set(bad)]
 
-    return [s["path"] for s in manifest["shards"] if not intact(s)]
+
+def add_sample_hashes(out: str) -> int:
+    """Give a dataset prepared before per-sample hashes existed its `<shard>.xxh3.npy` files (run after
+    `verify` found it intact): chunk.json records them and merge rewrites the manifest. The chunks changed."""
+    manifest = read_manifest(out)
+    chunks = sorted({os.path.dirname(e["path"]) for e in manifest["shards"] if "sample_hashes_sha256" not in e})
+    for chunk in chunks:
+        directory = os.path.join(out, chunk)
+        if manifest["format"] == "mds":
+            write_mds_sample_hashes(directory)
+        else:
+            tar = os.path.join(directory, TAR_SHARD_NAME)
+            write_tar_sample_hashes(tar, np.load(tar_index_path(tar), allow_pickle=False))
+        meta = read_json(os.path.join(directory, CHUNK_META))
+        for shard in meta["shards"]:
+            name = os.path.basename(sample_hash_path(shard["path"]))
+            meta["files"][name] = shard["sample_hashes_sha256"] = file_sha256(os.path.join(directory, name))
+            shard["bytes"] = os.path.getsize(os.path.join(out, shard["path"]))
+        write_json_atomic(os.path.join(directory, CHUNK_META), meta)
+        record_verified(out, [(f"{chunk}/{name}", sha256) for name, sha256 in meta["files"].items()
+                              if name.endswith(SAMPLE_HASH_SUFFIX)])
+    merge(out)
+    return len(chunks)

@@ -29,6 +29,7 @@ from dtr_scale.data_prep.layout import (CHUNK_META, PREP_NAME, PrepError, check_
                                         tmp_chunk_dir, write_json_atomic)
 from dtr_scale.data_prep.sources import ArraySource, FolderSource, listing_sha256
 from dtr_scale.data_prep.writers import open_chunk_writer
+from dtr_scale.data.integrity import record_verified, sample_hash_path
 from dtr_scale.data.shard_format import FORMATS, file_sha256
 from dtr_scale.io import read_json
 
@@ -166,7 +167,9 @@ class ChunkInProgress:
                 "samples": sum(self.count_per_class.values()),
                 "count_per_class": {str(k): v for k, v in sorted(self.count_per_class.items())},
                 "skipped": self.skipped, "converted": self.converted, "files": sums,
-                "shards": [{"path": f"{name}/{s['path']}", "samples": s["samples"], "sha256": sums[s["path"]]}
+                "shards": [{"path": f"{name}/{s['path']}", "samples": s["samples"], "sha256": sums[s["path"]],
+                            "bytes": os.path.getsize(os.path.join(self.tmp, s["path"])),
+                            "sample_hashes_sha256": sums[os.path.basename(sample_hash_path(s["path"]))]}
                            for s in shards if s["samples"] > 0]}
         write_json_atomic(os.path.join(self.tmp, CHUNK_META), meta)
         if chunk_is_done(self.out, self.chunk):
@@ -174,6 +177,9 @@ class ChunkInProgress:
             shutil.rmtree(self.tmp)
         else:
             os.rename(self.tmp, chunk_dir(self.out, self.chunk))
+            # These sums of the bytes just written are the dataset's one full verification: the verified
+            # mark (integrity.py) spares the loaders a second pass while the files keep their size and mtime.
+            record_verified(self.out, [(f"{name}/{f}", sums[f]) for f in files])
         seconds = time.perf_counter() - self.started
         log.info("%s: %d images -> %d samples in %.1f s (%.0f images/s)", name, self.images, meta["samples"],
                  seconds, self.images / max(seconds, 1e-9))

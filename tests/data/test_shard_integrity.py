@@ -1,31 +1,47 @@
-"""A damaged shard stops the training loader with its name, the sample being read and what to do;
-it never feeds wrong numbers or fails with a library's IndexError."""
+"""A damaged shard stops the training loader with its name, the sample being read and what to do; it never
+feeds wrong numbers or fails with a library's IndexError. The full hash is done once per dataset version
+(at prep, or by the first start on a copy), the verified mark spares every later start and worker, and
+bytes flipped in place after that are caught at the read of the damaged sample."""
 
+import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
+from dtr_scale.data import integrity
+from dtr_scale.data.integrity import MARK_NAME, read_mark, sample_hash_path, shard_files
 from dtr_scale.data.loader import build_shard_loader
 from dtr_scale.data.shard_format import ShardDataError, read_manifest
+from dtr_scale.data_prep.cli import main as prep_main
 
 FORMATS = ("mds", "webdataset")
+SAMPLE_BYTES = 2 * 8 * 4 * 4 * 2  # moments [2, 2C, h, w] fp16 of the 8 x 8 pixel-autoencoder latents
 
 
-def damaged_copy(identity_datasets, fmt, tmp_path, damage):
-    """A copy of the 200-sample dataset whose second shard `damage(path)` altered; returns (root, shard path)."""
-    root = shutil.copytree(identity_datasets[fmt], tmp_path / fmt)
-    shard = os.path.join(root, read_manifest(str(root))["shards"][1]["path"])
-    damage(shard)
-    return str(root), shard
+def copy_of(identity_datasets, fmt, tmp_path):
+    """A copy of the 200-sample dataset (64-sample shards), file times and verified mark included."""
+    return str(shutil.copytree(identity_datasets[fmt], tmp_path / fmt))
 
 
-def flip_a_byte(path):
+def shard_path(root, shard=1):
+    return os.path.join(root, read_manifest(root)["shards"][shard]["path"])
+
+
+def flip_a_byte(path, at=None):
     with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
+        f.seek(os.path.getsize(path) // 2 if at is None else at)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x10]))
+
+
+def flip_keeping_mtime(path, at):
+    """Damage that no stat can see: a byte flipped in place, the file's size and mtime kept."""
+    stat = os.stat(path)
+    flip_a_byte(path, at)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def truncate(path):
@@ -33,33 +49,154 @@ def truncate(path):
         f.truncate(os.path.getsize(path) * 2 // 3)
 
 
-def read_an_epoch(root, fmt):
-    loader = build_shard_loader(root, format=fmt, global_batch_size=40, rank=0, world_size=1, seed=0)
-    for _ in range(loader.steps_per_epoch):
-        next(loader)
+def loader(root, fmt, workers=0):
+    return build_shard_loader(root, format=fmt, global_batch_size=40, rank=0, world_size=1, seed=0,
+                              num_workers=workers)
+
+
+def read_an_epoch(root, fmt, workers=0):
+    it = loader(root, fmt, workers)
+    for _ in range(it.steps_per_epoch):
+        next(it)
+
+
+def sample_offset(root, fmt, shard, index):
+    """Byte offset of sample `index`'s moments inside the shard file."""
+    path = shard_path(root, shard)
+    if fmt == "webdataset":
+        return int(np.load(path + ".idx.npy")[index, 0])
+    with open(path, "rb") as f:  # MDS: uint32 count, then uint32 offsets of every sample (streaming's layout)
+        offsets = np.frombuffer(f.read(4 * (index + 2)), np.uint32)
+    return int(offsets[index + 1]) + 4  # after the one uint32 size of the variable-size column
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_a_flipped_byte_in_a_shard_is_an_error_naming_the_shard(identity_datasets, fmt, tmp_path):
-    root, shard = damaged_copy(identity_datasets, fmt, tmp_path, flip_a_byte)
-    assert os.path.getsize(shard) == os.path.getsize(os.path.join(identity_datasets[fmt], os.path.relpath(shard, root)))
+def test_a_shard_damaged_before_the_start_stops_the_loader_before_any_batch(identity_datasets, fmt, tmp_path):
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    shard = shard_path(root)
+    flip_a_byte(shard)  # a rewrite changes the mtime: the mark no longer covers the shard
     with pytest.raises(ShardDataError, match=r"does not match the sha256 that manifest.json records") as err:
-        read_an_epoch(root, fmt)
-    message = str(err.value)
-    assert shard in message and "reading sample" in message and f"dtr-prep verify {root}" in message
+        loader(root, fmt)
+    assert shard in str(err.value) and f"dtr-prep verify {root}" in str(err.value)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_truncated_shard_is_an_error_naming_the_shard_and_the_fix(identity_datasets, fmt, tmp_path):
-    root, shard = damaged_copy(identity_datasets, fmt, tmp_path, truncate)
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    shard = shard_path(root)
+    truncate(shard)
     with pytest.raises(ShardDataError) as err:
-        read_an_epoch(root, fmt)
+        loader(root, fmt)
     message = str(err.value)
-    assert shard in message and "reading sample" in message and "rerun `dtr-prep images`" in message
-    if fmt == "mds":  # MDS's index knows each shard's size
-        assert "truncated or damaged" in message
+    assert shard in message and "rerun `dtr-prep images`" in message
+    assert f"({os.path.getsize(shard)} bytes)" in message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bytes_flipped_in_place_while_training_are_caught_at_the_read_of_that_sample(identity_datasets, fmt,
+                                                                                     tmp_path):
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    it = loader(root, fmt, workers=2)
+    first = next(it)  # the workers have started and verified what they read; the epoch has begun
+    assert first[0].shape == (40, 4, 4, 4)
+    shard = shard_path(root, 2)
+    damaged = 17  # sample 17 of shard 2 is global sample 2 * 64 + 17
+    flip_keeping_mtime(shard, sample_offset(root, fmt, 2, damaged) + SAMPLE_BYTES // 3)
+    with pytest.raises(ShardDataError, match="changed after it was verified") as err:
+        for _ in range(2 * it.steps_per_epoch):  # the workers may have read this epoch ahead: the next reads it
+            next(it)
+    message = str(err.value)
+    assert shard in message and f"sample {damaged} of the shard, global sample {2 * 64 + damaged}" in message
+    assert f"dtr-prep verify {root}" in message
+    # The shard left the mark, so the next start hashes it again and stops before training.
+    assert read_manifest(root)["shards"][2]["path"] not in read_mark(os.path.join(root, MARK_NAME))
+    with pytest.raises(ShardDataError, match="does not match the sha256"):
+        loader(root, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_full_hash_runs_once_per_dataset_version_not_per_start(identity_datasets, fmt, tmp_path, monkeypatch):
+    hashed = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(path) or real(path))
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    files = [os.path.join(root, p) for entry in read_manifest(root)["shards"] for p, _ in shard_files(entry)]
+    read_an_epoch(root, fmt)  # prep's mark covers the copy: copytree keeps sizes and mtimes
+    assert hashed == []
+
+    os.remove(os.path.join(root, MARK_NAME))  # e.g. a copy made without the mark, or an old dataset
+    read_an_epoch(root, fmt)
+    read_an_epoch(root, fmt)  # a requeue
+    assert sorted(hashed) == sorted(files)  # each file once, then never again
+    mark = json.loads(open(os.path.join(root, MARK_NAME)).read())
+    assert mark["version"] == 1 and set(mark["files"]) == {os.path.relpath(f, root) for f in files}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prep_stores_a_hash_of_each_sample_as_the_reader_reads_it(identity_datasets, fmt):
+    root = identity_datasets[fmt]
+    for entry in read_manifest(root)["shards"]:
+        hashes = np.load(sample_hash_path(os.path.join(root, entry["path"])), allow_pickle=False)
+        assert hashes.dtype == np.uint64 and len(hashes) == entry["samples"] and len(set(hashes.tolist())) == len(hashes)
+        assert entry["bytes"] == os.path.getsize(os.path.join(root, entry["path"]))
+
+
+def test_a_dataset_without_sample_hashes_is_read_after_its_full_hash(identity_datasets, tmp_path, caplog):
+    """Datasets prepared before per-sample hashes: checked in full once, then read without the per-sample
+    check, with a warning that says how to add it."""
+    root = copy_of(identity_datasets, "mds", tmp_path)
+    manifest = read_manifest(root)
+    for entry in manifest["shards"]:
+        del entry["sample_hashes_sha256"], entry["bytes"]
+        os.remove(sample_hash_path(os.path.join(root, entry["path"])))
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    os.remove(os.path.join(root, MARK_NAME))
+    with caplog.at_level("WARNING"):
+        read_an_epoch(root, "mds")
+    assert "per-sample hashes" in caplog.text and "--add-sample-hashes" in caplog.text
+    assert set(read_mark(os.path.join(root, MARK_NAME))) == {e["path"] for e in manifest["shards"]}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_prep_verify_lists_damaged_shards_and_drops_them_from_the_mark(identity_datasets, fmt, tmp_path, capsys):
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    prep_main(["verify", root])
+    assert "all shards match manifest.json" in capsys.readouterr().out
+    relpath = read_manifest(root)["shards"][1]["path"]
+    flip_keeping_mtime(os.path.join(root, relpath), 100)  # invisible to the mark, not to `verify`
+    with pytest.raises(SystemExit, match=rf"1 shard\(s\) in {root} do not match their checksum: {relpath}"):
+        prep_main(["verify", root])
+    assert relpath not in read_mark(os.path.join(root, MARK_NAME))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_intact_shards_are_read_as_before(identity_datasets, fmt):
     read_an_epoch(identity_datasets[fmt], fmt)
+
+
+def test_prep_verify_adds_sample_hashes_to_an_old_dataset_and_the_reads_are_then_checked(identity_datasets,
+                                                                                           tmp_path, caplog):
+    root = copy_of(identity_datasets, "webdataset", tmp_path)
+    before = read_manifest(root)
+    for chunk in sorted({os.path.dirname(e["path"]) for e in before["shards"]}):  # as an older prep left it
+        meta_path = os.path.join(root, chunk, "chunk.json")
+        meta = json.loads(open(meta_path).read())
+        for shard in meta["shards"]:
+            del shard["sample_hashes_sha256"], shard["bytes"]
+            os.remove(sample_hash_path(os.path.join(root, shard["path"])))
+        meta["files"] = {k: v for k, v in meta["files"].items() if not k.endswith(".xxh3.npy")}
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+    prep_main(["merge", root])
+    assert not any("sample_hashes_sha256" in e for e in read_manifest(root)["shards"])
+
+    prep_main(["verify", root, "--add-sample-hashes"])
+    assert read_manifest(root)["shards"] == before["shards"]  # the same hashes a fresh prep writes
+    with caplog.at_level("WARNING"):
+        it = loader(root, "webdataset")
+    assert "per-sample hashes" not in caplog.text
+    flip_keeping_mtime(shard_path(root, 0), sample_offset(root, "webdataset", 0, 3) + 10)
+    with pytest.raises(ShardDataError, match="sample 3 of the shard, global sample 3"):
+        for _ in range(it.steps_per_epoch):
+            next(it)
