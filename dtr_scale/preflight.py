@@ -38,7 +38,9 @@ def writable_problem(key: str, path: str) -> str | None:
     if target.exists() and not target.is_dir():
         return f"{key}={path} is a file, not a directory: give a directory path"
     base = _writable_ancestor(target)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+    if not base.is_dir():
+        return f"{key}={path}: {base} is a file, so no directory can be made under it; give another {key}"
+    if not os.access(base, os.W_OK | os.X_OK):
         return f"{key}={path}: {base} is not writable by this user; choose a {key} on a filesystem you can write to"
     return None
 
@@ -117,9 +119,18 @@ def extras_problems(cfg: TrainConfig) -> list[str]:
     return [message for module in needed if (message := missing_extra(module))]
 
 
+def weights_problem(cfg: TrainConfig) -> str | None:
+    """Released weights to start from must be a file that is there (read before any model is built)."""
+    path = cfg.model.init_from
+    if path is None or Path(path).is_file():
+        return None
+    return (f"model.init_from={path}: no such file; give the path of a DiT state dict (.pt or .safetensors), "
+            f"or drop model.init_from to start from random weights")
+
+
 def launch_problems(cfg: TrainConfig) -> list[str]:
     """Every launch check's problem, one line each; [] when the run can start."""
-    problems = [*data_problems(cfg), device_problem(cfg), *extras_problems(cfg),
+    problems = [*data_problems(cfg), device_problem(cfg), *extras_problems(cfg), weights_problem(cfg),
                 writable_problem("run_dir", cfg.run_dir)]
     return [problem for problem in problems if problem]
 

@@ -3,6 +3,7 @@ groups and an example), and a wrong config fails before anything starts."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,81 @@ def test_a_users_config_dir_layers_on_the_packaged_configs(tmp_path):
                "cluster=my_slurm", "--gpu", "a100_80gb", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "DiT-L/2 on 8 x a100_80gb" in done.stdout and "gpu_long" in done.stdout
+
+
+WITHOUT_TORCH = """
+import sys, time
+start = time.perf_counter()
+sys.argv = ["dtr-scale", *sys.argv[1:]]
+from dtr_scale.cli import main
+try:
+    main()
+finally:
+    print(f"torch imported: {'torch' in sys.modules}; submitit imported: {'submitit' in sys.modules}; "
+          f"seconds: {time.perf_counter() - start:.2f}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code", [
+    (["train", "--help"], 0),
+    (["train", "--cfg", "job"], 0),
+    (["train", "routing.beta=0"], 2),  # a value the schema refuses
+    (["train", "data.embedded=false", "data.path=nowhere"], 2),  # a launch check
+    (["train", "model=dit_xxl"], 2),  # Hydra's own composition error
+])
+def test_help_the_config_and_config_errors_answer_without_importing_torch(args, code, tmp_path):
+    """Login nodes: these answer in a fraction of the 3 s that importing torch and DCP takes."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    assert "torch imported: False; submitit imported: False" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_command_is_named_and_exits_2():
+    done = run("bogus")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1] == ("dtr-scale: unknown command 'bogus'; the commands are prep, train, eval, "
+                                            "plan, status, compare, export, sample (`dtr-scale COMMAND --help` for each)")
+
+
+def test_model_name_alone_is_refused_naming_the_preset(tmp_path):
+    done = run("train", "model.name=DiT-XL/2", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr == (
+        "dtr-scale train: config error: model.name=DiT-XL/2: the name alone keeps the default model group's depth, "
+        "width and latent size (model=tiny); select the preset with model=dit_xl2 instead\n")
+    assert list(tmp_path.iterdir()) == []
+    with_group = run("plan", "model=dit_xl2", "model.name=DiT-XL/4", "--gpu", "h100", cwd=tmp_path)
+    assert with_group.returncode == 0 and "DiT-XL/4" in with_group.stdout  # on top of a chosen preset: allowed
+
+
+def test_hydras_own_errors_are_one_line_exit_2_and_full_with_verbose(tmp_path):
+    done = run("train", "model=dit_xxl", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("dtr-scale train: config error: In 'train': Could not find 'model/dit_xxl'")
+    assert "dit_xl2" in done.stderr and "`dtr-scale train --help` lists the groups and keys" in done.stderr
+    verbose = run("train", "model=dit_xxl", "--verbose", cwd=tmp_path)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_batch_split_message_names_the_multiple_that_works(tmp_path):
+    done = run("train", "global_batch_size=36", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.endswith(
+        "choose a global_batch_size that is a multiple of world_size x grad_accum x num_intervals = 16\n")
+    assert run("train", "global_batch_size=32", "--cfg", "job", cwd=tmp_path).returncode == 0
+
+
+def test_a_failure_while_working_is_one_line_exit_1_and_the_traceback_comes_with_verbose(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "manifest.json").write_text('{"step": ')
+    done = run("status", str(tmp_path / "run"))
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"dtr-scale status: error: CheckpointError: {tmp_path}/run/checkpoints/manifest.json "
+                                  f"is damaged")
+    assert done.stderr.endswith("(rerun with --verbose to print it)\n")
+    for verbose in (run("status", str(tmp_path / "run"), "--verbose"),
+                    subprocess.run([DTR_SCALE, "status", str(tmp_path / "run")], capture_output=True, text=True,
+                                   timeout=60, env={**os.environ, "HYDRA_FULL_ERROR": "1"})):
+        assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+        assert "dtr_scale.train.manifest.CheckpointError" in verbose.stderr

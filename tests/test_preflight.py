@@ -1,0 +1,135 @@
+"""Launch checks (dtr_scale/preflight.py): a launch that would fail after it was submitted or its
+run directory written stops before either, one line per problem naming the key or file and the
+fix, and leaves nothing behind (no runs/DATE/TIME)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtr_scale.config import to_train_config
+from dtr_scale.extras import MissingExtraError, import_extra, missing_extra
+from dtr_scale.preflight import LaunchCheckError, check_launch, launch_problems
+
+DTR_SCALE = str(Path(sys.executable).parent / "dtr-scale")
+PAPER = "experiment=dtr_paper/dit_l2_dtr_antuw_2m"
+
+
+def write_manifest(directory: Path, *, shape=(4, 32, 32), classes=1000, format="mds") -> Path:
+    """A prepared dataset as far as a launch can see it: its manifest (the shards are read by the job)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "manifest.json").write_text(json.dumps({"format": format, "latent_shape": list(shape),
+                                                         "num_classes": classes, "num_samples": 8}))
+    return directory
+
+
+def config(tmp_path: Path, **overrides) -> object:
+    data = {"kind": "shards", "path": str(tmp_path / "data"), "format": "mds"}
+    return to_train_config({"model": {"name": "DiT-B/2"}, "data": data, "run_dir": str(tmp_path / "run"),
+                            "global_batch_size": 8, "logging": {"wandb": "disabled"}, **overrides})
+
+
+def run(*args: str, cwd: Path, hide: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; `hide` makes a module look uninstalled (as without its extra)."""
+    code = (f"import sys; sys.modules[{hide!r}] = None\n" if hide else "import sys\n") + (
+        "sys.argv = ['dtr-scale', *sys.argv[1:]]\nfrom dtr_scale.cli import main\nmain()")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_a_dataset_that_fits_the_model_passes(tmp_path):
+    write_manifest(tmp_path / "data")
+    assert launch_problems(config(tmp_path)) == []
+    write_manifest(tmp_path / "data", classes=100)  # a subset of the model's classes: its labels fit
+    assert launch_problems(config(tmp_path)) == []
+
+
+def test_a_dataset_of_another_shape_class_count_or_format_is_named_with_the_fix(tmp_path):
+    write_manifest(tmp_path / "data", shape=(4, 8, 8), classes=1001, format="webdataset")
+    where = f"data.path={tmp_path / 'data'}"
+    assert launch_problems(config(tmp_path)) == [
+        f"{where} holds webdataset shards but data.format=mds: set data.format=webdataset",
+        f"{where} holds 4 x 8 x 8 latents but the model takes in_channels x input_size x input_size = 4 x 32 x 32: "
+        f"set model.in_channels=4 model.input_size=8, or point data.path at latents of the model's size",
+        f"{where} has 1001 classes but model.num_classes=1000: set model.num_classes=1001",
+    ]
+
+
+def test_a_missing_or_unreadable_manifest_is_named(tmp_path):
+    [missing] = launch_problems(config(tmp_path))
+    assert missing.startswith(f"data.path: no manifest.json at {tmp_path / 'data'}") and "dtr-prep" in missing
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text('{"format": "mds", ')
+    [damaged] = launch_problems(config(tmp_path))
+    assert damaged.startswith("data.path: ") and "manifest.json is not valid JSON" in damaged
+
+
+def test_gpu_training_on_a_cluster_without_gpus_is_refused(tmp_path):
+    write_manifest(tmp_path / "data")
+    cluster = {"kind": "local", "gpus_per_node": 0, "tasks_per_node": 8}
+    assert launch_problems(config(tmp_path, device="cuda", world_size=8, cluster=cluster)) == [
+        "device=cuda but cluster.gpus_per_node=0 (cluster.kind=local): the job's ranks would find no GPU. "
+        "Set cluster.gpus_per_node=8 (one GPU per rank) on a GPU machine or cluster, or device=cpu"]
+    gpus = {"kind": "slurm", "nodes": 2, "gpus_per_node": 4}
+    assert launch_problems(config(tmp_path, device="cuda", world_size=8, cluster=gpus)) == []
+
+
+def test_a_run_dir_that_cannot_be_a_directory_and_missing_weights_are_named(tmp_path):
+    write_manifest(tmp_path / "data")
+    (tmp_path / "file").write_text("")
+    problems = launch_problems(config(tmp_path, run_dir=str(tmp_path / "file" / "run"),
+                                      model={"name": "DiT-B/2", "init_from": str(tmp_path / "DiT-B-2.pt")}))
+    assert problems == [
+        f"model.init_from={tmp_path / 'DiT-B-2.pt'}: no such file; give the path of a DiT state dict (.pt or "
+        f".safetensors), or drop model.init_from to start from random weights",
+        f"run_dir={tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, so no directory can be made under it; "
+        f"give another run_dir"]
+    with pytest.raises(LaunchCheckError) as err:
+        check_launch(config(tmp_path, run_dir=str(tmp_path / "file")))
+    assert err.value.problems == [f"run_dir={tmp_path / 'file'} is a file, not a directory: give a directory path"]
+
+
+def test_a_missing_extra_is_named_without_importing_it(monkeypatch):
+    monkeypatch.delitem(sys.modules, "cvxpy", raising=False)
+    assert missing_extra("cvxpy") is None and "cvxpy" not in sys.modules  # installed ([all]), and not imported
+    monkeypatch.setitem(sys.modules, "cvxpy", None)  # as if `pip install dtr-scale` without [nash]
+    message = ("cvxpy is not installed (weighting=ant_nash solves its bargaining problem with it; the other "
+               "weightings do not): pip install 'dtr-scale[nash]' (or 'dtr-scale[all]')")
+    assert missing_extra("cvxpy") == message
+    with pytest.raises(MissingExtraError) as err:
+        import_extra("cvxpy")
+    assert str(err.value) == message
+
+
+def test_the_cli_refuses_a_wrong_data_path_before_writing_anything(tmp_path):
+    done = run("train", "model=dit_b2", "data=imagenet256", f"data.path={tmp_path}/nowhere", "global_batch_size=16",
+               cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"dtr-scale train: config error: data.path: no manifest.json at {tmp_path}/nowhere")
+    assert list(tmp_path.iterdir()) == []  # no runs/DATE/TIME, no .hydra, no train.log
+
+
+def test_the_paper_preset_on_the_default_cluster_without_wandb_lists_both_problems(tmp_path):
+    write_manifest(tmp_path / "data")
+    done = run("train", PAPER, f"data.path={tmp_path}/data", cwd=tmp_path, hide="wandb")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "dtr-scale train: config error: device=cuda but cluster.gpus_per_node=0 (cluster.kind=local): the job's "
+        "ranks would find no GPU. Set cluster.gpus_per_node=8 (one GPU per rank) on a GPU machine or cluster, "
+        "or device=cpu",
+        "dtr-scale train: config error: wandb is not installed (logging.wandb=offline|online needs it; set "
+        "logging.wandb=disabled to train without it): pip install 'dtr-scale[wandb]' (or 'dtr-scale[all]')"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_resume_with_a_wrong_run_dir_leaves_the_existing_directory_as_it_was(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    done = run("train", f"run_dir={tmp_path}/run", f"data.path={tmp_path}/nowhere", "data.embedded=false",
+               cwd=tmp_path)
+    assert done.returncode == 2 and "data.path: no manifest.json" in done.stderr
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
