@@ -67,8 +67,9 @@ def _status() -> None:
 
     try:
         status = run_status(args.run_dir)
-    except FileNotFoundError as err:
-        sys.exit(f"dtr-scale status: {err}")
+    except FileNotFoundError as err:  # a path that is no run: a usage error
+        print(f"dtr-scale status: {err}", file=sys.stderr)
+        sys.exit(2)
     print(format_status(status, results_table(args.run_dir)))
     sys.exit(1 if status["state"] == "failed" else 0)
 

@@ -180,3 +180,8 @@ def test_a_failure_while_working_is_one_line_exit_1_and_the_traceback_comes_with
                                    timeout=60, env={**os.environ, "HYDRA_FULL_ERROR": "1"})):
         assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
         assert "dtr_scale.train.manifest.CheckpointError" in verbose.stderr
+
+
+def test_status_of_a_path_that_is_no_run_is_a_usage_error(tmp_path):
+    done = run("status", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and done.stderr.startswith(f"dtr-scale status: no run directory at {tmp_path}/nowhere")
