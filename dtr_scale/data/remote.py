@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import urllib.parse
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from dtr_scale.data.shard_format import MANIFEST_NAME, ShardDataError, read_manifest
+
+if TYPE_CHECKING:
+    from streaming.base.storage.download import CloudDownloader
 
 FETCH_TIMEOUT_S = 60.0
 MDS_INDEX = "index.json"
@@ -39,20 +45,27 @@ def file_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def download(remote: str, relpath: str, local: str) -> None:
-    """Fetch one object to `local` (replaced atomically by streaming's downloader); ShardDataError naming the
-    object, the cache and what to check when the store cannot be reached or lacks it."""
+@functools.cache
+def downloader(scheme: str, endpoint: str | None, pid: int) -> CloudDownloader:
+    """streaming's downloader for one store, made once per process and endpoint (a client costs ~0.1 s to
+    build) and never shared with a forked loader worker, which gets its own (`pid`)."""
     from streaming.base.storage.download import CloudDownloader  # heavy import, only for remote datasets
 
+    return CloudDownloader.get(f"{scheme}://")
+
+
+def download(remote: str, root: str, relpath: str, local: str) -> None:
+    """Fetch one object to `local` (written to a temporary name and renamed by streaming's downloader);
+    ShardDataError naming the object, the cache and what to check when the store cannot be reached or lacks it."""
     url = remote_url(remote, relpath)
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
     try:
-        CloudDownloader.direct_download(url, local, FETCH_TIMEOUT_S)
+        downloader(urllib.parse.urlparse(url).scheme, endpoint, os.getpid()).download(url, local, FETCH_TIMEOUT_S)
     # Each store's client raises its own types (botocore, google-cloud-storage, ...) and streaming re-raises
     # them as they are, so the boundary catches them all; the cause is chained and its text quoted.
     except Exception as err:
-        endpoint = os.environ.get("S3_ENDPOINT_URL")
         via = f" through S3_ENDPOINT_URL={endpoint}" if url.startswith("s3://") and endpoint else ""
-        raise ShardDataError(f"cannot fetch {url}{via} into {local} ({type(err).__name__}: {err}); check that "
+        raise ShardDataError(f"cannot fetch {url}{via} into the cache {root} ({type(err).__name__}: {err}); check that "
                              "data.remote names the prefix the dataset was uploaded to (it must hold "
                              f"{MANIFEST_NAME}), that the store is reachable from this node and that the "
                              "credentials may read it") from err
@@ -75,7 +88,7 @@ class Fetcher:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         with file_lock(local):
             if not os.path.exists(local):  # another worker of this node fetched it while this one waited
-                download(self.remote, relpath, local)
+                download(self.remote, self.root, relpath, local)
 
 
 def fetch_dataset_files(remote: str, root: str) -> dict:
@@ -96,7 +109,7 @@ def _fetch_fresh(remote: str, root: str, name: str) -> dict:
     fresh = os.path.join(root, f".{name}.fetched-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.remove(fresh)
-    download(remote, name, fresh)
+    download(remote, root, name, fresh)
     try:
         with open(fresh, "rb") as f:
             new = f.read()
