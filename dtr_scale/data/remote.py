@@ -17,13 +17,9 @@ import fcntl
 import functools
 import os
 import urllib.parse
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from dtr_scale.data.shard_format import MANIFEST_NAME, ShardDataError, read_manifest
-
-if TYPE_CHECKING:
-    from streaming.base.storage.download import CloudDownloader
 
 FETCH_TIMEOUT_S = 60.0
 MDS_INDEX = "index.json"
@@ -46,12 +42,16 @@ def file_lock(path: str) -> Iterator[None]:
 
 
 @functools.cache
-def downloader(scheme: str, endpoint: str | None, pid: int) -> CloudDownloader:
-    """streaming's downloader for one store, made once per process and endpoint (a client costs ~0.1 s to
-    build) and never shared with a forked loader worker, which gets its own (`pid`)."""
-    from streaming.base.storage.download import CloudDownloader  # heavy import, only for remote datasets
+def downloader(scheme: str, endpoint: str | None, pid: int) -> Callable[[str, str, float], None]:
+    """streaming's download of one object for one store, its client made once per process and endpoint (a
+    client costs ~0.1 s to build) and never shared with a forked loader worker, which gets its own (`pid`)."""
+    try:
+        from streaming.base.storage.download import CloudDownloader  # heavy import, only for remote datasets
+    except ImportError:  # older mosaicml-streaming: one function that builds a client per call
+        from streaming.base.storage import download_file
 
-    return CloudDownloader.get(f"{scheme}://")
+        return download_file
+    return CloudDownloader.get(f"{scheme}://").download
 
 
 def download(remote: str, root: str, relpath: str, local: str) -> None:
@@ -60,7 +60,7 @@ def download(remote: str, root: str, relpath: str, local: str) -> None:
     url = remote_url(remote, relpath)
     endpoint = os.environ.get("S3_ENDPOINT_URL")
     try:
-        downloader(urllib.parse.urlparse(url).scheme, endpoint, os.getpid()).download(url, local, FETCH_TIMEOUT_S)
+        downloader(urllib.parse.urlparse(url).scheme, endpoint, os.getpid())(url, local, FETCH_TIMEOUT_S)
     # Each store's client raises its own types (botocore, google-cloud-storage, ...) and streaming re-raises
     # them as they are, so the boundary catches them all; the cause is chained and its text quoted.
     except Exception as err:
