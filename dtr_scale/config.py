@@ -251,9 +251,23 @@ def parse_averaging(spec: str) -> tuple[str, float | None]:
 
 
 @dataclass
+class QuickEvalConfig:
+    """The quick protocol: FID alone from fewer samples, the same sampler and CFG, at multiples
+    of `every` (0: off): a cheap curve between the full protocol's points."""
+
+    every: int = 0
+    num_samples: int = 10_000
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.quick.every", "must be >= 0 (0 turns the quick protocol off)")
+        _require(self.num_samples >= 2, "eval.quick.num_samples", "must be >= 2 (FID needs a covariance)")
+
+
+@dataclass
 class EvalConfig:
     """How the evaluator scores a run's checkpoints. The sampler (DDPM/DDIM, steps, CFG
-    scale, guided channels) is `diffusion`'s."""
+    scale, guided channels) is `diffusion`'s. Two protocols: the full one (the paper's FID,
+    sFID, IS, precision and recall from num_samples samples) and the optional quick one."""
 
     every: int = 50_000  # evaluate checkpoints at multiples of this step, and the latest one
     num_samples: int = 50_000
@@ -275,9 +289,17 @@ class EvalConfig:
     # phema:<s> refuses to reconstruct from a grid with snapshots missing (a different EMA than
     # asked for); true reconstructs from the snapshots that are there, with a warning.
     allow_missing_snapshots: bool = False
+    quick: QuickEvalConfig = field(default_factory=QuickEvalConfig)
+    # The full protocol's steps (-1: the run's last step); null: every multiple of eval.every and
+    # the last step. Their checkpoints are kept whatever checkpoint.keep_last says.
+    milestones: list[int] | None = None
+    pr_arithmetic: str = "adm"  # precision/recall distances: adm (ADM's float16 numbers) | exact (float64)
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "eval.every", "must be >= 1")
+        _require(self.milestones is None or all(m == -1 or m >= 1 for m in self.milestones), "eval.milestones",
+                 f"{self.milestones}: steps >= 1, or -1 for the last step")
+        _choice(self.pr_arithmetic, "eval.pr_arithmetic", ("adm", "exact"))
         _require(self.num_samples >= 1, "eval.num_samples", "must be >= 1")
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _require(self.world_size >= 1, "eval.world_size", "must be >= 1")
@@ -285,6 +307,22 @@ class EvalConfig:
         _require(len(self.averaging) >= 1, "eval.averaging", "name at least one, e.g. [ema]")
         for spec in self.averaging:
             parse_averaging(spec)
+
+    def milestone_steps(self, last_step: int) -> set[int]:
+        """eval.milestones with -1 read as `last_step` (empty without milestones)."""
+        return {last_step if m == -1 else m for m in self.milestones or ()}
+
+    def due_protocols(self, step: int, last_step: int, *, newest_of_finished: bool = False) -> list[str]:
+        """The protocols that score checkpoint `step`: "full" at the milestones (without them,
+        multiples of `every`), "quick" at multiples of quick.every; newest_of_finished: the last
+        checkpoint of a finished run, scored by the quick protocol and (without milestones, or
+        with -1 among them) the full one even off those multiples."""
+        if self.milestones is None:
+            full = step % self.every == 0 or newest_of_finished
+        else:
+            full = step in self.milestone_steps(last_step) or (newest_of_finished and -1 in self.milestones)
+        quick = self.quick.every > 0 and (step % self.quick.every == 0 or newest_of_finished)
+        return [name for name, due in (("full", full), ("quick", quick)) if due]
 
 
 CLUSTER_KINDS = ("local", "slurm")

@@ -75,10 +75,15 @@ def test_preset_trains_with_the_papers_recipe(presets, name):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_evaluates_like_the_paper(presets, name):
     cfg = presets[name]
-    # SPEC 5/6: FID-50K, 250 DDPM steps, CFG 1.5 on all latent channels, every 50K steps
+    # SPEC 5/6: FID-50K (and the rest of ADM's suite), 250 DDPM steps, CFG 1.5 on all latent channels,
+    # at 400K and the last step; between them FID-10K every 50K steps with the same sampler
     d, e = cfg.diffusion, cfg.eval
     assert (d.sampler, d.sampling_steps, d.cfg_scale, d.guided_channels) == ("ddpm", 250, 1.5, "all")
-    assert (e.num_samples, e.every) == (50_000, 50_000)
+    assert (e.num_samples, e.milestones, e.pr_arithmetic) == (50_000, [400_000, -1], "adm")
+    assert (e.quick.every, e.quick.num_samples) == (50_000, 10_000)
+    assert e.due_protocols(400_000, cfg.steps) == ["full", "quick"]
+    assert e.due_protocols(cfg.steps, cfg.steps) == ["full", "quick"]
+    assert e.due_protocols(350_000, cfg.steps) == ["quick"]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

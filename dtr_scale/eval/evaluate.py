@@ -26,6 +26,7 @@ from dtr_scale.eval.averaging import averaged_model
 from dtr_scale.eval.generate import Decoder, distributed_position, generate_samples, load_samples
 from dtr_scale.eval.results import append_result, find_result, log_to_wandb
 from dtr_scale.eval.settings import EvalSettings, reference_name, require_images
+from dtr_scale.eval.training_cost import training_cost
 from dtr_scale.train.checkpoint import open_checkpoint, require_complete
 from dtr_scale.train.components import build_diffusion
 from dtr_scale.world import World
@@ -47,10 +48,12 @@ def dataset_decoder(cfg: TrainConfig, device: torch.device) -> Decoder:
     return load_autoencoder(read_manifest(cfg.data.path)["autoencoder"], device=str(device)).decode
 
 
-def score_samples(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
-    """The metrics of a sample batch: the ADM suite against eval.reference, else the digits scores."""
+def score_samples(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, protocol: str = "full") -> dict[str, Any]:
+    """The metrics of a sample batch: the ADM suite against eval.reference (FID alone under the
+    quick protocol), else the digits scores."""
     if cfg.eval.reference:
-        return adm_scores(images, cfg.eval.reference, cfg.eval.inception, eval_device(cfg), cfg.eval.batch_size)
+        return adm_scores(images, cfg.eval.reference, cfg.eval.inception, eval_device(cfg), cfg.eval.batch_size,
+                          full=protocol == "full", pr_arithmetic=cfg.eval.pr_arithmetic)
     reference_name(cfg)  # raises without a reference on data other than the digits
     from dtr_scale.eval.digits import digits_scores
 
@@ -75,34 +78,40 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def adm_scores(images: np.ndarray, reference: str | Path, inception: str | Path | None,
-               device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, Any]:
+               device: torch.device | str = "cpu", batch_size: int = 64, *, full: bool = True,
+               pr_arithmetic: str = "adm") -> dict[str, Any]:
     """FID, sFID, IS, precision, recall (k = 3) of `images` against an ADM reference batch, as
-    ADM's evaluator computes them. Precomputed reference statistics are used where the batch
-    has them; precision/recall need its images (arr_0) and are None without."""
+    ADM's evaluator computes them; FID alone unless `full`. Precomputed reference statistics are
+    used where the batch has them; precision/recall need its images (arr_0) and are None without."""
     from dtr_scale.eval.features import InceptionFeatures
-    from dtr_scale.eval.metrics import (feature_statistics, frechet_distance, inception_score,
+    from dtr_scale.eval.metrics import (feature_statistics, frechet_distance, has_pool_statistics, inception_score,
                                         load_reference_batch, precision_recall)
 
     net = InceptionFeatures(inception).to(device)
     fake = net.extract(images, batch_size)
-    ref = load_reference_batch(reference, images=True)
+    ref = load_reference_batch(reference, images=full or not has_pool_statistics(reference))
+    if not full:  # FID alone: the stored statistics, else the reference images' features
+        mu, sigma = (ref.mu, ref.sigma) if ref.mu is not None else feature_statistics(net.extract(ref.images, batch_size)["pool"])
+        return {"fid": frechet_distance(*feature_statistics(fake["pool"]), mu, sigma), "num_samples": int(len(images))}
     real = net.extract(ref.images, batch_size) if ref.images is not None else None
     mu, sigma = (ref.mu, ref.sigma) if ref.mu is not None else feature_statistics(real["pool"])
     mu_s, sigma_s = (ref.mu_s, ref.sigma_s) if ref.mu_s is not None else (
         feature_statistics(real["spatial"]) if real is not None else (None, None))
-    precision, recall = precision_recall(real["pool"], fake["pool"], device=device) if real is not None else (None, None)
+    precision, recall = (precision_recall(real["pool"], fake["pool"], device=device, arithmetic=pr_arithmetic)
+                         if real is not None else (None, None))
     return {"fid": frechet_distance(*feature_statistics(fake["pool"]), mu, sigma),
             "sfid": frechet_distance(*feature_statistics(fake["spatial"]), mu_s, sigma_s) if mu_s is not None else None,
             "inception_score": inception_score(fake["logits"]), "precision": precision, "recall": recall,
-            "num_samples": int(len(images))}
+            "pr_arithmetic": pr_arithmetic if precision is not None else None, "num_samples": int(len(images))}
 
 
-def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig, *, rank: int = 0,
-                       world_size: int = 1, progress: bool = False) -> dict[str, Any] | None:
-    """Score one averaging of one checkpoint; the record on rank 0, None on the other ranks.
-    Sampling resumes from the chunks already in the samples folder."""
+def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig, *, protocol: str = "full",
+                       rank: int = 0, world_size: int = 1, progress: bool = False) -> dict[str, Any] | None:
+    """Score one averaging of one checkpoint under `protocol` (full | quick); the record on rank 0,
+    None on the other ranks. Sampling resumes from the chunks already in the samples folder. The
+    record carries the protocol and what training had spent up to the checkpoint (time to FID)."""
     opened = open_checkpoint(checkpoint, verify=False)
-    run_dir, step, settings = opened.run_dir, opened.step, EvalSettings.of(cfg)
+    run_dir, step, settings = opened.run_dir, opened.step, EvalSettings.of(cfg, protocol)
     done = find_result(run_dir, settings.result_key(step, averaging))
     if done is not None:
         log.info("step %d %s already evaluated (%s); not recomputing", step, averaging, run_dir / "eval")
@@ -121,8 +130,10 @@ def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig,
         return None
     sampled = time.perf_counter()
     images, labels = load_samples(npz)
-    metrics = score_samples(images, labels, cfg)
+    metrics = score_samples(images, labels, cfg, protocol)
+    cost = training_cost(run_dir, step, run_cfg.world_size)
     record = {"step": step, "averaging": averaging, **settings.record_fields(), **metrics,
+              **(cost.record_fields() if cost is not None else {}),
               "checkpoint": str(checkpoint), "samples": str(npz), "sample_s": sampled - start,
               "metric_s": time.perf_counter() - sampled, "wall_s": time.perf_counter() - start,
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -135,17 +146,18 @@ def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig,
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: TrainConfig | None = None, *,
-                        averaging: list[str] | None = None, rank: int | None = None,
+                        averaging: list[str] | None = None, protocol: str = "full", rank: int | None = None,
                         world_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """Evaluate `checkpoint` (RUN_DIR/checkpoints/step_N) for each averaging spec (default
-    cfg.eval.averaging) and return the records (on rank 0; [] on the others). `cfg` holds the
-    evaluation settings; None: the run's own config from the checkpoint. rank/world_size
-    default to RANK/WORLD_SIZE: every rank samples its chunks, rank 0 merges and scores."""
+    cfg.eval.averaging) under `protocol` and return the records (on rank 0; [] on the others).
+    `cfg` holds the evaluation settings; None: the run's own config from the checkpoint.
+    rank/world_size default to RANK/WORLD_SIZE: every rank samples its chunks, rank 0 merges and scores."""
     cfg = cfg if cfg is not None else open_checkpoint(checkpoint, verify=False).config
     rank, world_size = distributed_position(rank, world_size)
     records = []
     for spec in averaging or cfg.eval.averaging:
-        record = evaluate_averaging(checkpoint, spec, cfg, rank=rank, world_size=world_size, progress=progress)
+        record = evaluate_averaging(checkpoint, spec, cfg, protocol=protocol, rank=rank, world_size=world_size,
+                                    progress=progress)
         if record is not None:
             records.append(record)
     return records

@@ -27,19 +27,21 @@ log = logging.getLogger(__name__)
 
 
 class EvaluationTask(submitit.helpers.Checkpointable):
-    """What an evaluation job runs: every given averaging of one checkpoint, on all its tasks.
-    A failure is recorded for each of its items (by task 0) and fails the job."""
+    """What an evaluation job runs: every given averaging of one checkpoint under one protocol,
+    on all its tasks. A failure is recorded for each of its items (by task 0) and fails the job."""
 
-    def __init__(self, checkpoint: Path, cfg: TrainConfig, averaging: list[str], keys: list[str]) -> None:
+    def __init__(self, checkpoint: Path, cfg: TrainConfig, averaging: list[str], keys: list[str],
+                 protocol: str = "full") -> None:
         # not `self.checkpoint`: that is the method submitit calls on preemption
         self.checkpoint_path, self.cfg, self.averaging, self.keys = checkpoint, cfg, averaging, keys
+        self.protocol = protocol
 
     def __call__(self) -> list[dict]:
         job = submitit.JobEnvironment()
         export_distributed_env(job)
         run_dir = run_dir_of(self.checkpoint_path)
         try:
-            return evaluate_checkpoint(self.checkpoint_path, self.cfg, averaging=self.averaging)
+            return evaluate_checkpoint(self.checkpoint_path, self.cfg, averaging=self.averaging, protocol=self.protocol)
         except Exception as err:
             if job.global_rank == 0:
                 for key in self.keys:
@@ -62,24 +64,25 @@ def eval_cluster(cfg: TrainConfig, cluster: ClusterConfig | None = None) -> Clus
 
 def submit_items(run_dir: str | Path, items: list[WorkItem], cfg: TrainConfig,
                  cluster: ClusterConfig | None = None, *, retry_failed: bool = False) -> list[submitit.Job]:
-    """One job per checkpoint for its items that are still pending; each is recorded as submitted
+    """One job per checkpoint and protocol for its items that are still pending; each is recorded as submitted
     with the job id. Looking, submitting and recording happen under the evaluation lock, so two
     evaluators never submit the same item."""
     cluster = eval_cluster(cfg, cluster)
     folder = Path(cluster.folder or eval_dir(run_dir) / "submitit") / "%j"
     executor = make_executor(cluster, folder, cfg.steps)
     jobs = []
-    for checkpoint in sorted({item.checkpoint for item in items}):
+    for checkpoint, protocol in sorted({(item.checkpoint, item.protocol) for item in items}):
         with eval_lock(run_dir):
-            group = pending(run_dir, [i for i in items if i.checkpoint == checkpoint], retry_failed=retry_failed)
+            group = pending(run_dir, [i for i in items if (i.checkpoint, i.protocol) == (checkpoint, protocol)],
+                            retry_failed=retry_failed)
             if not group:
                 continue
-            task = EvaluationTask(checkpoint, cfg, [i.averaging for i in group], [i.key for i in group])
+            task = EvaluationTask(checkpoint, cfg, [i.averaging for i in group], [i.key for i in group], protocol)
             job = executor.submit(task)
             for item in group:
                 record_event(run_dir, item.key, "submitted", job_id=job.job_id, cluster=cluster.kind,
                              folder=str(folder))
-        log.info("submitted evaluation of %s (%s) as job %s", checkpoint.name,
+        log.info("submitted the %s evaluation of %s (%s) as job %s", protocol, checkpoint.name,
                  ", ".join(i.averaging for i in group), job.job_id)
         jobs.append(job)
     return jobs

@@ -174,6 +174,15 @@ class ReferenceBatch:
     sigma_s: np.ndarray | None = None
 
 
+def has_pool_statistics(path: str | Path) -> bool:
+    """Whether an ADM reference .npz stores mu and sigma (so FID needs none of its images)."""
+    try:
+        with np.load(Path(path).expanduser(), allow_pickle=False) as npz:
+            return {"mu", "sigma"} <= set(npz.files)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False  # load_reference_batch says what is wrong with it
+
+
 def load_reference_batch(path: str | Path, images: bool = True) -> ReferenceBatch:
     """Read an ADM reference .npz (e.g. VIRTUAL_imagenet256_labeled.npz). `images=False`
     skips arr_0 (about 2 GB for ImageNet 256) when only the statistics are needed."""

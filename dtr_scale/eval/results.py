@@ -19,7 +19,7 @@ from typing import Any
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.eval.grids import write_checkpoint_strip
-from dtr_scale.eval.settings import KEY_FIELDS, eval_dir, record_key
+from dtr_scale.eval.settings import KEY_DEFAULTS, KEY_FIELDS, PROTOCOLS, eval_dir, record_key, record_protocol
 from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, atomic_write_text, read_jsonl
 from dtr_scale.plots.figure import Curve, Panel, draw_panels
@@ -31,6 +31,7 @@ LOCK_NAME = ".lock"
 PLOT_NAME = "results.png"
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall", "digits_fd", "class_accuracy")
 MAIN_METRICS = ("fid", "digits_fd")  # the first one the records have is what the plot shows
+TRAINING_GPU_HOURS = "GPU-hours of training"
 SETTINGS_COLUMNS = ("step", "averaging", "sampler", "sampling_steps", "cfg_scale", "num_samples", "reference")
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def eval_lock(run_dir: str | Path) -> Iterator[None]:
 def append_result(run_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
     """Store `record` unless a record with its key is there already (written by another
     evaluator meanwhile); returns the stored one. Each key is written once."""
-    missing = [name for name in KEY_FIELDS if name not in record]
+    missing = [name for name in KEY_FIELDS if name not in record and name not in KEY_DEFAULTS]
     if missing:
         raise KeyError(f"an evaluation record needs {', '.join(missing)} to be told apart from the others")
     record = {**record, "provenance": record.get("provenance") or collect_provenance()}  # code and hardware
@@ -112,9 +113,26 @@ def format_metric(name: str, value: Any) -> str:
     return f"{value:.3f}" if name in ("precision", "recall", "class_accuracy") else f"{value:.2f}"
 
 
+PROTOCOL_HEADINGS = {
+    "full": "Full protocol (the paper's: FID, sFID, IS, precision, recall)",
+    "quick": "Quick protocol (FID from fewer samples: a progress curve, not comparable with the full protocol's FID)",
+}
+
+
 def results_table(run_dir: str | Path) -> str:
-    """The results as a markdown table, sorted by step (then averaging); "" when there are none."""
+    """The results as markdown, sorted by step (then averaging); "" when there are none. Each
+    protocol has a table of its own under its heading, so a quick FID never sits in a column of
+    the paper's numbers (one table without a heading when every result is the full protocol's)."""
     records = sorted(read_results(run_dir), key=lambda r: (r["step"], r["averaging"], str(record_key(r))))
+    protocols = protocols_of(records)
+    if protocols == ["full"]:
+        return records_table(records)
+    return "\n\n".join(f"## {PROTOCOL_HEADINGS[p]}\n\n" + records_table([r for r in records if record_protocol(r) == p])
+                       for p in protocols)
+
+
+def records_table(records: list[dict[str, Any]]) -> str:
+    """One markdown table of these records: their settings, the metrics any of them has, wall time."""
     if not records:
         return ""
     metrics = [m for m in METRICS if any(r.get(m) is not None for r in records)]
@@ -138,21 +156,41 @@ def series_label(record: dict[str, Any], vary: bool) -> str:
             f"n={record['num_samples']}")
 
 
-def metric_series(records: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[int, float]]]:
-    """{line name: [(step, value), ...] sorted by step} for one metric."""
+def metric_series(records: list[dict[str, Any]], metric: str, x: str = "step") -> dict[str, list[tuple[float, float]]]:
+    """{line name: [(x, value), ...] sorted by x} for one metric; x is a record field (the
+    training step, or the training's GPU-hours up to the checkpoint), records without it are left out."""
     vary = len({record_key(r)[2:] for r in records}) > 1
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, list[tuple[float, float]]] = {}
     for r in records:
-        if r.get(metric) is not None:
-            series.setdefault(series_label(r, vary), []).append((int(r["step"]), float(r[metric])))
+        if r.get(metric) is not None and r.get(x) is not None:
+            series.setdefault(series_label(r, vary), []).append((r[x] if x == "step" else float(r[x]), float(r[metric])))
     return {name: sorted(points) for name, points in series.items()}
 
 
+def protocols_of(records: list[dict[str, Any]]) -> list[str]:
+    return sorted({record_protocol(r) for r in records}, key=PROTOCOLS.index)
+
+
 def result_panels(records: list[dict[str, Any]]) -> list[Panel]:
-    """One panel per metric the records have (in METRICS order), one line per averaging."""
-    main_metric(records)  # raises when no record has a metric to draw
-    return [Panel(metric, [Curve(name, *zip(*points)) for name, points in metric_series(records, metric).items()],
-                  metric) for metric in METRICS if any(r.get(metric) is not None for r in records)]
+    """Per protocol (the full one first; the quick one's titles say so, never mixed into the
+    full one's): the main metric against training step and against the GPU-hours the training
+    had spent (time to FID, where the records carry it), then every other metric against step."""
+    main = main_metric(records)  # raises when no record has a metric to draw
+    panels = []
+    for protocol in protocols_of(records):
+        group = [r for r in records if record_protocol(r) == protocol]
+        suffix = "" if protocol == "full" else f" ({protocol} protocol)"
+
+        def panel(metric: str, x: str = "step") -> Panel | None:
+            series = metric_series(group, metric, x)
+            curves = [Curve(name, *zip(*points)) for name, points in series.items()]
+            title = f"{metric}{suffix}" if x == "step" else f"{metric}{suffix} against GPU-hours"
+            return Panel(title, curves, metric, xlabel="training step" if x == "step" else TRAINING_GPU_HOURS) \
+                if curves else None
+
+        ordered = [panel(main), panel(main, "gpu_hours"), *(panel(m) for m in METRICS if m != main)]
+        panels += [p for p in ordered if p is not None]
+    return panels
 
 
 def plot_results(run_dir: str | Path, path: str | Path | None = None) -> Path:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from dtr_scale.config import ModelConfig, TrainConfig
 
 NOT_IN_KEY = {"in_key": False}  # field metadata: decides the samples, not which result they give
+# full: the paper's suite (FID, sFID, IS, precision, recall); quick: FID alone, from fewer samples
+PROTOCOLS = ("full", "quick")
+# Records stored before protocols existed were all made by the full suite.
+KEY_DEFAULTS = {"protocol": "full"}
 
 
 class EvaluationError(ValueError):
@@ -89,15 +93,21 @@ class EvalSettings:
     labels: str
     seed: int
     reference: str
+    protocol: str = "full"
     chunk_size: int = field(default=64, metadata=NOT_IN_KEY)  # a job with another size starts its own folder
 
     @classmethod
-    def of(cls, cfg: TrainConfig) -> EvalSettings:
-        """cfg's evaluation settings; EvaluationError where the run has nothing to score against."""
+    def of(cls, cfg: TrainConfig, protocol: str = "full") -> EvalSettings:
+        """cfg's evaluation settings under `protocol` (full: eval.num_samples samples, quick:
+        eval.quick.num_samples); EvaluationError where the run has nothing to score against."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"evaluation protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
         d, e = cfg.diffusion, cfg.eval
         return cls(sampler=d.sampler, sampling_steps=d.sampling_steps, cfg_scale=d.cfg_scale,
-                   guided_channels=d.guided_channels, ddim_eta=d.ddim_eta, num_samples=e.num_samples,
-                   labels=e.labels, seed=e.seed, reference=reference_name(cfg), chunk_size=e.batch_size)
+                   guided_channels=d.guided_channels, ddim_eta=d.ddim_eta,
+                   num_samples=e.num_samples if protocol == "full" else e.quick.num_samples,
+                   labels=e.labels, seed=e.seed, reference=reference_name(cfg), protocol=protocol,
+                   chunk_size=e.batch_size)
 
     def record_fields(self) -> dict[str, Any]:
         """The settings a result record carries (its key, with the step and the averaging)."""
@@ -128,4 +138,8 @@ KEY_FIELDS = ("step", "averaging", *(f.name for f in dataclasses.fields(EvalSett
 
 def record_key(record: dict[str, Any]) -> tuple:
     """A stored result's key (KEY_FIELDS' values): records with equal keys are one result."""
-    return tuple(record[name] for name in KEY_FIELDS)
+    return tuple(record[name] if name in record else KEY_DEFAULTS[name] for name in KEY_FIELDS)
+
+
+def record_protocol(record: dict[str, Any]) -> str:
+    return record.get("protocol", KEY_DEFAULTS["protocol"])

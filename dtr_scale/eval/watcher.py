@@ -2,8 +2,10 @@
 
 The watcher follows RUN_DIR/checkpoints and evaluates every complete checkpoint
 (a manifest entry whose files are all there at their recorded sizes; a
-`.partial` directory is never in the manifest) whose step is a multiple of
-eval.every, and, once training has finished, the last one. Who took which item is
+`.partial` directory is never in the manifest) that a protocol is due at
+(EvalConfig.due_protocols: the full one at eval.milestones, or at multiples of eval.every
+without them; the quick one at multiples of eval.quick.every), and, once training has
+finished, the last one. Who took which item is
 in the work log (dtr_scale.eval.work_log): a restarted watcher skips items that are
 done or still in flight and takes over those whose claimant died without a result;
 the sampling resumes at the next missing chunk, so nothing is repeated or forgotten.
@@ -36,11 +38,13 @@ MODES = ("inline", "submit")
 log = logging.getLogger(__name__)
 
 
-def due_checkpoints(run_dir: str | Path, every: int, *, include_latest: bool) -> list[tuple[int, Path]]:
-    """Complete checkpoints at multiples of `every`, plus the newest one if include_latest."""
+def due_points(run_dir: str | Path, cfg: TrainConfig, *, finished: bool) -> list[tuple[int, Path, str]]:
+    """(step, checkpoint, protocol) of every protocol due at a complete checkpoint, the newest
+    one counted as the run's last when training has `finished`."""
     complete = complete_checkpoints(run_dir)
-    latest = complete[-1][0] if complete and include_latest else None
-    return [(step, path) for step, path in complete if step % every == 0 or step == latest]
+    newest = complete[-1][0] if complete and finished else None
+    return [(step, path, protocol) for step, path in complete
+            for protocol in cfg.eval.due_protocols(step, cfg.steps, newest_of_finished=step == newest)]
 
 
 def training_finished(run_dir: str | Path, steps: int) -> bool:
@@ -76,7 +80,8 @@ def evaluate_inline(run_dir: str | Path, item: WorkItem, cfg: TrainConfig, live:
         log.info("step %d %s is taken by another evaluator; moving on", item.step, item.averaging)
         return None
     try:
-        return evaluate_averaging(item.checkpoint, item.averaging, cfg, rank=0, world_size=1, progress=progress)
+        return evaluate_averaging(item.checkpoint, item.averaging, cfg, protocol=item.protocol, rank=0, world_size=1,
+                                  progress=progress)
     except Exception as err:  # one bad item (e.g. window:k too early) must not stop the watcher
         log.exception("evaluating step %d %s failed", item.step, item.averaging)
         record_event(run_dir, item.key, "failed", error=f"{type(err).__name__}: {err}")
@@ -115,7 +120,7 @@ def sweep(run_dir: str | Path, cfg: TrainConfig, *, mode: str = "inline", finish
     adds the newest checkpoint and stops waiting for post-hoc EMA snapshots still to come."""
     check_mode(mode)
     finished = training_finished(run_dir, cfg.steps) if finished is None else finished
-    items = work_items(due_checkpoints(run_dir, cfg.eval.every, include_latest=finished), cfg)
+    items = work_items(due_points(run_dir, cfg, finished=finished), cfg)
     todo = [i for i in pending(run_dir, items, retry_failed=retry_failed) if finished or snapshots_ready(run_dir, i, cfg)]
     return process(run_dir, todo, cfg, mode=mode, cluster=cluster, stop=stop or (lambda: False), progress=progress,
                    retry_failed=retry_failed)
@@ -138,13 +143,19 @@ def watch(run_dir: str | Path, cfg: TrainConfig, *, mode: str = "inline", cluste
         records += sweep(run_dir, cfg, mode=mode, finished=finished, cluster=cluster, retry_failed=retry_failed,
                          stop=stop, progress=progress)
         retry_failed = False  # this watcher's own failures are not retried in a loop
-        items = work_items(due_checkpoints(run_dir, cfg.eval.every, include_latest=finished), cfg)
+        items = work_items(due_points(run_dir, cfg, finished=finished), cfg)
         if finished and all_settled(run_dir, items, wait_for_jobs=mode == "inline" or wait_for_jobs):
             log.info("training finished and its checkpoints are evaluated; the watcher stops")
             return records
         if stop() or (deadline is not None and time.monotonic() >= deadline):
             return records
         time.sleep(poll_s)
+
+
+def points_at(step: int, checkpoint: Path, cfg: TrainConfig) -> list[tuple[int, Path, str]]:
+    """The protocols due at one checkpoint asked for by name (the full one where none is due)."""
+    protocols = cfg.eval.due_protocols(step, cfg.steps, newest_of_finished=step == cfg.steps) or ["full"]
+    return [(step, checkpoint, protocol) for protocol in protocols]
 
 
 def trigger(checkpoint: str | Path, cfg: TrainConfig, *, mode: str = "inline",
@@ -159,15 +170,15 @@ def trigger(checkpoint: str | Path, cfg: TrainConfig, *, mode: str = "inline",
     if step is None:
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint of {run_dir} (not in its manifest, or "
                                 "its files do not match it); trigger an evaluation after the checkpoint is committed")
-    items = pending(run_dir, work_items([(step, checkpoint)], cfg), retry_failed=retry_failed)
+    items = pending(run_dir, work_items(points_at(step, checkpoint, cfg), cfg), retry_failed=retry_failed)
     return process(run_dir, items, cfg, mode=mode, cluster=cluster, stop=lambda: False, progress=progress,
                    retry_failed=retry_failed)
 
 
 def evaluate_at_save(cfg: TrainConfig, checkpoint: Path, step: int) -> None:
     """eval.at_save, called by the trainer (rank 0) once `checkpoint` is complete: submit an
-    evaluation job when it is due (a multiple of eval.every, or the last step)."""
-    if step % cfg.eval.every and step != cfg.steps:
+    evaluation job when a protocol is due at its step (the last step always is)."""
+    if not cfg.eval.due_protocols(step, cfg.steps, newest_of_finished=step == cfg.steps):
         return
     try:
         trigger(checkpoint, cfg, mode="submit", cluster=cfg.cluster)
@@ -228,13 +239,14 @@ def failures(run_dir: str | Path, cfg: TrainConfig, checkpoint: str | Path | Non
     and that have no result: what `dtr-scale eval` lists and --retry-failed tries again."""
     if checkpoint is not None:
         steps = dict((p.name, s) for s, p in complete_checkpoints(run_dir))
-        checkpoints = [(steps[Path(checkpoint).name], Path(checkpoint))] if Path(checkpoint).name in steps else []
+        name = Path(checkpoint).name
+        points = points_at(steps[name], Path(checkpoint), cfg) if name in steps else []
     else:
-        checkpoints = due_checkpoints(run_dir, cfg.eval.every, include_latest=True)
+        points = due_points(run_dir, cfg, finished=True)
     done = done_keys(run_dir)
     last, _ = read_events(run_dir)
     return [Failure(item.step, item.averaging, last[item.key].get("error", "?"))
-            for item in work_items(checkpoints, cfg)
+            for item in work_items(points, cfg)
             if item.key not in done and item.key in last and last[item.key]["event"] == "failed"]
 
 

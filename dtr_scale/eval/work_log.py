@@ -50,6 +50,7 @@ class WorkItem:
     checkpoint: Path
     averaging: str
     key: str  # JSON of the result key: the same string in results.jsonl's records and work.jsonl
+    protocol: str = "full"
 
 
 def work_path(run_dir: str | Path) -> Path:
@@ -60,10 +61,11 @@ def key_string(key: tuple) -> str:
     return json.dumps(list(key))
 
 
-def work_items(checkpoints: list[tuple[int, Path]], cfg: TrainConfig) -> list[WorkItem]:
-    settings = EvalSettings.of(cfg)
-    return [WorkItem(step, path, spec, key_string(settings.result_key(step, spec)))
-            for step, path in checkpoints for spec in cfg.eval.averaging]
+def work_items(points: list[tuple[int, Path, str]], cfg: TrainConfig) -> list[WorkItem]:
+    """One item per averaging of each (step, checkpoint, protocol)."""
+    settings = {protocol: EvalSettings.of(cfg, protocol) for protocol in {p for _, _, p in points}}
+    return [WorkItem(step, path, spec, key_string(settings[protocol].result_key(step, spec)), protocol)
+            for step, path, protocol in points for spec in cfg.eval.averaging]
 
 
 def pid_alive(pid: int) -> bool:

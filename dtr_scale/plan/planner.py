@@ -8,7 +8,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dtr_scale.config import ConfigError, TrainConfig
+from dtr_scale.diffusion.schedules import make_betas, snr
+from dtr_scale.diffusion.weighting import interval_boundaries, partition_cost, snr_interval_costs
 from dtr_scale.launch.executor import max_requeues, requeue_budget
 from dtr_scale.plan.calibration import (
     FORWARDS_PER_TRAINING_STEP,
@@ -27,6 +31,7 @@ from dtr_scale.plan.model_cost import DiTShape, ParameterCount, count_parameters
 from dtr_scale.plan.storage import (
     DatasetSize,
     checkpoint_bytes,
+    checkpoint_steps,
     checkpoints_kept,
     dataset_size,
     phema_snapshot_count,
@@ -59,9 +64,28 @@ class Jobs:
 
 @dataclass(frozen=True)
 class EvalCost:
+    """One evaluation protocol over the whole run: full (the paper's suite) or quick (FID alone)."""
+
+    protocol: str
+    num_samples: int
     forwards_per_point: int  # model forward passes of one image: samples x steps x CFG x averagings
     gpu_hours_per_point: float | None
-    points: int
+    steps: list[int]  # the checkpoints it scores
+
+    @property
+    def points(self) -> int:
+        return len(self.steps)
+
+    @property
+    def gpu_hours(self) -> float | None:
+        return None if self.gpu_hours_per_point is None else self.points * self.gpu_hours_per_point
+
+
+@dataclass(frozen=True)
+class IntervalChoice:
+    kind: str  # weighting.intervals: snr_dp (ANT's programme) | snr_optimal (its objective's minimiser)
+    bounds: tuple[int, ...]
+    cost: float  # ANT's SNR clustering objective of these intervals
 
 
 @dataclass
@@ -82,7 +106,8 @@ class Plan:
     checkpoints_kept: int
     phema_profiles: int
     phema_snapshots: int
-    evaluation: EvalCost
+    evaluation: list[EvalCost]  # each protocol that scores some checkpoint
+    intervals: list[IntervalChoice] = field(default_factory=list)  # both SNR clusterings, where one is used
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -200,19 +225,45 @@ def plan_jobs(cfg: TrainConfig, step_seconds: float) -> Jobs | None:
     return Jobs(cluster.time_min, jobs, jobs - 1, max_requeues(cluster, cfg.steps), recommended)
 
 
-def eval_points(cfg: TrainConfig) -> int:
-    # Checkpoints at multiples of eval.every, and the latest one (EvalConfig).
-    return cfg.steps // cfg.eval.every + (1 if cfg.steps % cfg.eval.every else 0)
+def eval_steps(cfg: TrainConfig) -> dict[str, list[int]]:
+    """The checkpoints each protocol scores over the run (EvalConfig.due_protocols), the last
+    step counted as the newest checkpoint of a finished run."""
+    due: dict[str, list[int]] = {"full": [], "quick": []}
+    for step in checkpoint_steps(cfg):
+        for protocol in cfg.eval.due_protocols(step, cfg.steps, newest_of_finished=step == cfg.steps):
+            due[protocol].append(step)
+    return due
 
 
-def eval_cost(cfg: TrainConfig, throughput: Throughput) -> EvalCost:
-    """Sampling cost: num_samples x sampling steps x 2 with CFG (it doubles the batch) x averagings."""
+def eval_cost(cfg: TrainConfig, throughput: Throughput) -> list[EvalCost]:
+    """Sampling cost of each protocol: samples x sampling steps x 2 with CFG (it doubles the
+    batch) x averagings per point; the metrics' own cost is small beside it and not counted."""
     d, e = cfg.diffusion, cfg.eval
-    forwards = e.num_samples * d.sampling_steps * (2 if d.cfg_scale > 1 else 1) * len(e.averaging)
-    if throughput.images_per_s is None:
-        return EvalCost(forwards, None, eval_points(cfg))
-    forward_rate = throughput.images_per_s * FORWARDS_PER_TRAINING_STEP  # a forward is a third of a step
-    return EvalCost(forwards, forwards / forward_rate / 3600, eval_points(cfg))
+    forward_rate = None  # a forward is a third of a training step
+    if throughput.images_per_s is not None:
+        forward_rate = throughput.images_per_s * FORWARDS_PER_TRAINING_STEP
+    costs = []
+    for protocol, steps in eval_steps(cfg).items():
+        samples = e.num_samples if protocol == "full" else e.quick.num_samples
+        forwards = samples * d.sampling_steps * (2 if d.cfg_scale > 1 else 1) * len(e.averaging)
+        hours = None if forward_rate is None else forwards / forward_rate / 3600
+        costs.append(EvalCost(protocol, samples, forwards, hours, steps))
+    return [cost for cost in costs if cost.steps]
+
+
+def snr_interval_choices(cfg: TrainConfig) -> list[IntervalChoice]:
+    """ANT's programme and the exact optimum of its objective side by side, for a run whose
+    weighting.intervals is SNR-based (none for uniform intervals)."""
+    w, d = cfg.weighting, cfg.diffusion
+    if w.intervals == "uniform":
+        return []
+    values = snr(np.cumprod(1 - make_betas(d.schedule, d.num_timesteps)))
+    cost = snr_interval_costs(values)
+    choices = []
+    for kind in ("snr_dp", "snr_optimal"):
+        bounds = interval_boundaries(kind, values, w.num_intervals)
+        choices.append(IntervalChoice(kind, tuple(bounds.tolist()), partition_cost(cost, bounds)))
+    return choices
 
 
 # ---------------------------------------------------------------------------- plan
@@ -239,7 +290,7 @@ def make_plan(cfg: TrainConfig, gpu: str | None = None, calibration: Calibration
         jobs=None if step is None else plan_jobs(cfg, step.seconds), memory=memory, dataset=dataset_size(cfg),
         checkpoint_bytes=checkpoint_bytes(cfg, params), checkpoints_kept=checkpoints_kept(cfg),
         phema_profiles=len(cfg.phema_stds), phema_snapshots=phema_snapshot_count(cfg),
-        evaluation=eval_cost(cfg, throughput),
+        evaluation=eval_cost(cfg, throughput), intervals=snr_interval_choices(cfg),
     )
     plan.warnings = plan_warnings(plan)
     return plan

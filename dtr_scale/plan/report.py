@@ -77,9 +77,16 @@ def config_summary(cfg: TrainConfig) -> Rows:
         ("data", f"{cfg.data.kind} {cfg.data.path or ''} ({cfg.data.format}), {cfg.data.num_workers} workers"),
         ("checkpoints", f"every {c.every:,} steps, keep last {c.keep_last}"
                         f"{f' + every {c.keep_every:,}' if c.keep_every else ''}"),
-        ("evaluation", f"every {e.every:,} steps: {e.num_samples:,} samples, {e.labels} labels, "
-                       f"averaging {', '.join(e.averaging)}, {e.world_size} process(es)"),
+        ("evaluation", f"full protocol {_full_schedule(e)}: {e.num_samples:,} samples; quick protocol "
+                       f"{f'every {e.quick.every:,} steps: {e.quick.num_samples:,} samples' if e.quick.every else 'off'}; "
+                       f"{e.labels} labels, averaging {', '.join(e.averaging)}, {e.world_size} process(es)"),
     ]
+
+
+def _full_schedule(e) -> str:
+    if e.milestones is None:
+        return f"every {e.every:,} steps"
+    return "at " + ", ".join("the last step" if m == -1 else f"{m:,}" for m in e.milestones)
 
 
 def model_section(plan: Plan) -> list[str]:
@@ -136,20 +143,39 @@ def storage_section(plan: Plan) -> list[str]:
 
 
 def evaluation_section(plan: Plan, cfg: TrainConfig) -> list[str]:
-    ev = plan.evaluation
-    flops = ev.forwards_per_point * 2 * plan.forward_macs
-    hours = ev.gpu_hours_per_point
-    rows = [("per point", f"{cfg.eval.num_samples:,} samples x {cfg.diffusion.sampling_steps} steps x "
-                          f"{2 if cfg.diffusion.cfg_scale > 1 else 1} (CFG) x {len(cfg.eval.averaging)} averaging = "
-                          f"{ev.forwards_per_point / 1e6:,.1f}M forwards, {flops:.3g} FLOPs: "
-                          f"{'unknown' if hours is None else _amount(hours) + ' GPU-hours'}")]
-    if hours is not None:
-        rows.append(("all points", f"{ev.points} x {_amount(hours)} = {_amount(ev.points * hours)} GPU-hours "
-                                   f"on {plan.gpu.name}"))
-    if hours is not None and plan.training_gpu_hours is not None:
-        total = plan.training_gpu_hours + ev.points * hours
-        rows.append(("run total", f"{_amount(total)} GPU-hours (training + evaluation)"))
+    """Each protocol's points and cost, then their sum beside training."""
+    rows = []
+    names = {"full": "full protocol (FID, sFID, IS, precision, recall)", "quick": "quick protocol (FID alone)"}
+    guidance = 2 if cfg.diffusion.cfg_scale > 1 else 1
+    for ev in plan.evaluation:
+        hours = ev.gpu_hours_per_point
+        per_point = "unknown" if hours is None else _amount(hours) + " GPU-hours"
+        rows.append((names[ev.protocol], f"{ev.points} points ({_steps(ev.steps)}), {ev.num_samples:,} samples x "
+                                         f"{cfg.diffusion.sampling_steps} steps x {guidance} (CFG) x "
+                                         f"{len(cfg.eval.averaging)} averaging = {ev.forwards_per_point / 1e6:,.1f}M "
+                                         f"forwards, {ev.forwards_per_point * 2 * plan.forward_macs:.3g} FLOPs: "
+                                         f"{per_point} each"))
+        if ev.gpu_hours is not None:
+            rows.append(("  all points", f"{ev.points} x {_amount(hours)} = {_amount(ev.gpu_hours)} GPU-hours "
+                                         f"on {plan.gpu.name}"))
+    hours = [ev.gpu_hours for ev in plan.evaluation]
+    if hours and None not in hours:
+        rows.append(("evaluation", f"{_amount(sum(hours))} GPU-hours"))
+        if plan.training_gpu_hours is not None:
+            rows.append(("run total", f"{_amount(plan.training_gpu_hours + sum(hours))} GPU-hours "
+                                      "(training + evaluation)"))
     return _table(rows)
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(f"{s:,}" for s in steps) if len(steps) <= 4 else f"{steps[0]:,}, {steps[1]:,}, ... {steps[-1]:,}"
+
+
+def intervals_section(plan: Plan, cfg: TrainConfig) -> list[str]:
+    """Both SNR clusterings with their objective, the one this run trains with marked."""
+    names = {"snr_dp": "ANT's programme (snr_dp)", "snr_optimal": "exact optimum (snr_optimal)"}
+    return _table([(names[c.kind], f"cost {c.cost:,.2f}, starts {list(c.bounds[:-1])}"
+                    f"{'  <- used' if c.kind == cfg.weighting.intervals else ''}") for c in plan.intervals])
 
 
 def format_plan(plan: Plan, cfg: TrainConfig) -> str:
@@ -162,6 +188,9 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
         ("storage (GB = 1e9 bytes)", storage_section(plan)),
         ("evaluation", evaluation_section(plan, cfg)),
     ]
+    if plan.intervals:
+        sections.insert(1, ("SNR timestep intervals (ANT's objective: sum of |SNR_t - SNR_centre|)",
+                            intervals_section(plan, cfg)))
     if plan.warnings:
         sections.append(("warnings", [f"  ! {w}" for w in plan.warnings]))
     lines = [f"dtr-scale plan: {cfg.model.name} on {cfg.world_size} x {plan.gpu.name}"]

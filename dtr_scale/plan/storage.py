@@ -63,9 +63,10 @@ def checkpoint_steps(cfg: TrainConfig) -> list[int]:
 
 
 def checkpoints_kept(cfg: TrainConfig) -> int:
-    """Checkpoints on disk at the end of the run under the retention policy (one more while writing)."""
-    c = cfg.checkpoint
-    return len(retained(checkpoint_steps(cfg), c.keep_last, c.keep_every))
+    """Checkpoints on disk at the end of the run under the retention policy, the full evaluation's
+    milestones among them (one more while writing)."""
+    c, steps = cfg.checkpoint, checkpoint_steps(cfg)
+    return len(retained(steps, c.keep_last, c.keep_every) | cfg.eval.milestone_steps(cfg.steps).intersection(steps))
 
 
 def phema_snapshot_count(cfg: TrainConfig) -> int:

@@ -33,6 +33,7 @@ class Panel:
     log_y: bool = False
     marks: list[float] = field(default_factory=list)  # steps drawn as dotted vertical lines
     marks_label: str = ""
+    xlabel: str = "training step"
 
 
 def _pyplot():
@@ -45,7 +46,8 @@ def _pyplot():
 
 
 def draw_panels(panels: list[Panel], title: str, path: str | Path, dpi: int = 100) -> Path:
-    """A PNG with one axes per panel (up to three per row), lines against training step."""
+    """A PNG with one axes per panel (up to three per row), lines against training step (or the
+    panel's own x axis)."""
     if not panels:
         raise ValueError(f"nothing to draw into {path}: no panel has data")
     plt = _pyplot()
@@ -66,7 +68,7 @@ def draw_panels(panels: list[Panel], title: str, path: str | Path, dpi: int = 10
         if panel.log_y:
             ax.set_yscale("log")
         ax.set_title(panel.title, fontsize=10)
-        ax.set_xlabel("training step")
+        ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
         if 0 < len(panel.curves) <= 12 or panel.marks_label:

@@ -4,7 +4,7 @@ import pytest
 
 from dtr_scale.eval.cli import main
 from dtr_scale.eval.watcher import resolve_checkpoint, run_eval
-from dtr_scale.eval.results import read_results
+from dtr_scale.eval.results import read_results, result_panels
 
 SMALL = {"eval.num_samples": 20, "eval.batch_size": 10, "diffusion.sampling_steps": 5}
 
@@ -38,3 +38,22 @@ def test_the_command_line_needs_the_run(tmp_path):
         main(["eval.num_samples=20"])
     with pytest.raises(SystemExit, match="no complete checkpoint"):
         main([f"run_dir={tmp_path}"])
+
+
+def test_the_quick_protocol_between_the_milestones_is_scored_and_shown_apart(run_copy):
+    # the paper presets' schedule in miniature: FID from 10 samples every 100 steps, the full suite
+    # from 20 samples at the last step only
+    main([f"run_dir={run_copy}", "eval.num_samples=20", "eval.batch_size=10", "diffusion.sampling_steps=5",
+          "eval.quick.every=100", "eval.quick.num_samples=10", "eval.milestones=[-1]"])
+    records = read_results(run_copy)
+    assert sorted((r["step"], r["protocol"], r["num_samples"]) for r in records) == [
+        (100, "quick", 10), (200, "quick", 10), (250, "full", 20), (250, "quick", 10)]
+    full, quick = (run_copy / "eval" / "results.md").read_text().split("## Quick protocol")
+    assert full.startswith("## Full protocol") and "| 250 | ema |" in full and "| 100 |" not in full
+    assert "| 100 | ema |" in quick and "| 250 | ema |" in quick
+    # time to FID: what training had spent by each checkpoint (its logged step times here: no job ledger)
+    hours = {r["step"]: r["gpu_hours"] for r in records if r["protocol"] == "quick"}
+    assert 0 < hours[100] < hours[200] < hours[250]
+    assert all(r["train_wall_s"] == pytest.approx(r["gpu_hours"] * 3600) for r in records)  # one process
+    assert [p.title for p in result_panels(records)][:4] == [
+        "digits_fd", "digits_fd against GPU-hours", "class_accuracy", "digits_fd (quick protocol)"]

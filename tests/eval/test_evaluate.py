@@ -112,3 +112,15 @@ def test_runs_the_evaluator_cannot_score_say_what_to_set(run_copy, eval_config):
     synthetic = eval_config(run_copy, **{"data.kind": "synthetic"})
     with pytest.raises(EvaluationError, match="data.kind=synthetic has no images"):
         dataset_decoder(synthetic, torch.device("cpu"))
+
+
+def test_the_quick_protocol_scores_fid_alone_from_the_stored_statistics(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "InceptionFeatures", PixelFeatures)
+    rng = np.random.default_rng(1)
+    fake, real = rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8), rng.integers(0, 200, (24, 16, 16, 3), dtype=np.uint8)
+    mu, sigma = feature_statistics(recompute(real)["pool"])
+    np.savez(tmp_path / "both.npz", arr_0=np.zeros((24, 16, 16, 3), np.uint8), mu=mu, sigma=sigma)  # arr_0 unused
+    np.savez(tmp_path / "images.npz", arr_0=real)
+    quick = adm_scores(fake, tmp_path / "both.npz", None, full=False)
+    assert quick == {"fid": pytest.approx(adm_scores(fake, tmp_path / "images.npz", None)["fid"]), "num_samples": 20}
+    assert adm_scores(fake, tmp_path / "images.npz", None, full=False)["fid"] == pytest.approx(quick["fid"])

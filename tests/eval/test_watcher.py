@@ -104,14 +104,14 @@ def test_a_failing_item_is_recorded_once_and_does_not_stop_the_others(run_copy, 
     assert len(failed) == 2 and all("needs 4 complete checkpoints" in e["error"] for e in failed)
 
     assert watch(run_copy, cfg, poll_s=0.05) == []  # not retried by a restart
-    items = work_items([(200, run_copy / "checkpoints" / "step_00000200")], cfg)
+    items = work_items([(200, run_copy / "checkpoints" / "step_00000200", "full")], cfg)
     assert [i.averaging for i in pending(run_copy, items, retry_failed=True)] == ["window:4"]
     assert len(loads) == 4
 
 
 def test_an_item_whose_claimants_keep_dying_is_given_up(run_copy, eval_config):
     cfg = eval_config(run_copy, **SMALL)
-    items = work_items([(200, run_copy / "checkpoints" / "step_00000200")], cfg)
+    items = work_items([(200, run_copy / "checkpoints" / "step_00000200", "full")], cfg)
     for _ in range(MAX_ATTEMPTS):
         assert pending(run_copy, items) == items
         record_event(run_copy, items[0].key, "claimed", token="t", pid=dead_pid())

@@ -62,10 +62,37 @@ def test_plan_text_carries_the_headline_numbers(headline):
         f"{plan.training_gpu_hours:,.0f} training", f"{plan.jobs.jobs} jobs of 1440 min",
         "max_requeues      23 allowed",
         "41.98 GB", "7 kept", "40 snapshots",
-        "50,000 samples x 250 steps x 2 (CFG)", "40 x ",
+        "50,000 samples x 250 steps x 2 (CFG)", "10,000 samples x 250 steps x 2 (CFG)", "2 x ", "40 x ",
         "GPU type assumed",
     ]:
         assert expected in text, expected
+
+
+def test_the_headline_run_measures_at_a_fraction_of_the_cost_with_its_final_fid_50k_unchanged(headline):
+    cfg, plan = headline
+    full, quick = plan.evaluation
+    assert (full.protocol, full.num_samples, full.steps) == ("full", 50_000, [400_000, 2_000_000])
+    assert (quick.protocol, quick.num_samples, quick.steps) == ("quick", 10_000, list(range(50_000, 2_000_001, 50_000)))
+    assert full.gpu_hours + quick.gpu_hours <= 40
+    # what evaluating every 50K with the full protocol costs: 40 points of 50K samples
+    every_point = make_plan(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, milestones=None, quick=type(
+        cfg.eval.quick)(every=0))))
+    (alone,) = every_point.evaluation
+    assert alone.points == 40 and alone.gpu_hours == pytest.approx(full.gpu_hours_per_point * 40)
+    assert alone.gpu_hours > 3.5 * (full.gpu_hours + quick.gpu_hours)
+    assert "full protocol at 400,000, the last step: 50,000 samples" in format_plan(plan, cfg)
+
+
+def test_snr_intervals_print_ants_cost_beside_the_exact_optimum():
+    cfg = compose_experiment("dtr_paper/dit_l2_dtr_antuw_2m", "cluster=example_cluster", "weighting.intervals=snr_dp")
+    plan = make_plan(cfg)
+    assert [(c.kind, c.bounds[:4], round(c.cost, 2)) for c in plan.intervals] == [
+        ("snr_dp", (0, 2, 3, 6), 9092.6), ("snr_optimal", (0, 1, 3, 6), 5407.35)]
+    text = format_plan(plan, cfg)
+    assert "ANT's programme (snr_dp)     cost 9,092.60, starts [0, 2, 3, 6, 11, 19, 38, 95]  <- used" in text
+    assert "exact optimum (snr_optimal)  cost 5,407.35, starts [0, 1, 3, 6, 11, 19, 38, 95]" in text
+    uniform = compose_experiment("dtr_paper/dit_l2_dtr_antuw_2m", "cluster=example_cluster")
+    assert make_plan(uniform).intervals == [] and "SNR timestep intervals" not in format_plan(make_plan(uniform), uniform)
 
 
 def test_plan_main_prints_the_plan_or_the_error(headline, capsys):
@@ -98,6 +125,7 @@ def test_a_batch_the_intervals_do_not_divide_is_refused_even_after_editing():
 
 def test_unknown_throughput_still_plans_memory_and_storage():
     plan = make_plan(gpu_run("DiT-XL/2", world_size=1, global_batch_size=8, device="cpu", precision="fp32"))
-    assert plan.throughput.images_per_s is None and plan.step is None and plan.evaluation.gpu_hours_per_point is None
+    assert plan.throughput.images_per_s is None and plan.step is None
+    assert [(ev.protocol, ev.gpu_hours_per_point) for ev in plan.evaluation] == [("full", None)]
     assert plan.checkpoint_bytes > 0
     assert "unknown" in format_plan(plan, gpu_run("DiT-XL/2", world_size=1, global_batch_size=8, device="cpu"))

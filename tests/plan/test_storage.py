@@ -6,7 +6,7 @@ import pytest
 
 from plan_helpers import gpu_run
 
-from dtr_scale.config import CheckpointConfig, DataConfig, WeightingConfig
+from dtr_scale.config import CheckpointConfig, DataConfig, EvalConfig, WeightingConfig
 from dtr_scale.plan.model_cost import count_parameters
 from dtr_scale.plan.storage import (
     checkpoint_bytes,
@@ -50,6 +50,13 @@ def test_checkpoint_bytes_by_hand():
 def test_checkpoints_kept_over_the_run(steps, keep_last, keep_every, kept):
     cfg = gpu_run(steps=steps, checkpoint=CheckpointConfig(every=50_000, keep_last=keep_last, keep_every=keep_every))
     assert checkpoints_kept(cfg) == kept
+
+
+def test_the_full_evaluations_milestones_are_kept_beside_the_retention_policy():
+    # keep_last 3 keeps 1.9M, 1.95M, 2M; the milestones add 400K and 1M (2M, the last step, is kept already)
+    cfg = gpu_run(steps=2_000_000, checkpoint=CheckpointConfig(every=50_000, keep_last=3),
+                  eval=EvalConfig(every=50_000, milestones=[400_000, 1_000_000, -1]))
+    assert checkpoints_kept(cfg) == 5
 
 
 def test_posthoc_ema_snapshots():
