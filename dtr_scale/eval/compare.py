@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from dtr_scale.eval.results import METRICS, format_metric, main_metric, read_results, results_path
+from dtr_scale.eval.results import (METRICS, TRAINING_GPU_HOURS, format_metric, main_metric, protocols_of,
+                                    read_results, results_path)
 from dtr_scale.eval.saved_config import saved_run_config
-from dtr_scale.eval.settings import KEY_FIELDS, eval_dir, record_key
+from dtr_scale.eval.settings import KEY_FIELDS, eval_dir, record_key, record_protocol
 from dtr_scale.io import atomic_write_text
 from dtr_scale.plots.figure import Curve, Panel, draw_panels
 
@@ -139,29 +140,64 @@ def differences(metric: str, stats: dict[str, list[tuple[int, float, float | Non
     return "\n".join(lines)
 
 
-def compare(runs: list[Path], out_dir: Path) -> tuple[str, Path]:
-    """Markdown tables (one per metric: a row per step, a column per group of seeds) and a plot of
-    every metric with mean ± std bands; written to OUT_DIR/comparison.md and comparison.png."""
-    groups = run_groups(runs)
-    records = {run: read_results(run) for run in runs}
+def protocol_comparison(groups: dict[str, list[Path]], records: dict[Path, list[dict[str, Any]]],
+                        protocol: str) -> tuple[list[str], list[Panel]]:
+    """The tables, notes and panels of one protocol's results (the sampler settings most of them
+    share): every metric against step, and the main metric against the GPU-hours training had
+    spent (time to FID, where the records carry it). Titles name the quick protocol."""
     settings = common_settings([r for rs in records.values() for r in rs])
     chosen = {run: [r for r in rs if record_key(r)[1:] == settings] for run, rs in records.items()}
     first = main_metric([r for rs in chosen.values() for r in rs])
     metrics = [first] + [m for m in METRICS if m != first and any(r.get(m) is not None
                                                                    for rs in chosen.values() for r in rs)]
     described = ", ".join(f"{'sampling seed' if k == 'seed' else k} {v}" for k, v in zip(KEY_FIELDS[1:], settings))
+    suffix = "" if protocol == "full" else f" ({protocol} protocol)"
     seeds = {name: len(members) for name, members in groups.items()}
-    tables, panels, notes = [], [], []
+
+    def statistics(field: str) -> dict[str, list[tuple[int, float, float | None, int]]]:
+        stats = {name: seed_statistics([{int(r["step"]): float(r[field]) for r in chosen[run] if r.get(field) is not None}
+                                        for run in members]) for name, members in groups.items()}
+        return {name: rows for name, rows in stats.items() if rows}
+
+    texts, panels, notes = [], [], []
     for metric in metrics:
-        stats = {name: seed_statistics([{int(r["step"]): float(r[metric]) for r in chosen[run]
-                                         if r.get(metric) is not None} for run in members])
-                 for name, members in groups.items()}
-        stats = {name: rows for name, rows in stats.items() if rows}
-        tables.append(metric_table(metric, stats, seeds, described))
-        notes.append(differences(metric, stats))
-        panels.append(Panel(metric, [Curve(name, [r[0] for r in rows], [r[1] for r in rows],
-                                           [r[2] or 0.0 for r in rows]) for name, rows in stats.items()], metric))
-    text = "\n\n".join(tables + [n for n in notes if n])
+        stats = statistics(metric)
+        texts.append(metric_table(metric + suffix, stats, seeds, described))
+        notes.append(differences(metric + suffix, stats))
+        panels.append(Panel(metric + suffix, [Curve(name, [r[0] for r in rows], [r[1] for r in rows],
+                                                    [r[2] or 0.0 for r in rows]) for name, rows in stats.items()], metric))
+        if metric == first:
+            panels += time_to_metric_panel(metric + suffix, stats, statistics("gpu_hours"))
+    return texts + [n for n in notes if n], panels
+
+
+def time_to_metric_panel(title: str, stats: dict[str, list[tuple[int, float, float | None, int]]],
+                         hours: dict[str, list[tuple[int, float, float | None, int]]]) -> list[Panel]:
+    """The metric's mean over seeds against the mean GPU-hours the seeds had trained by each step
+    (none where no record carries GPU-hours)."""
+    curves = []
+    for name, rows in stats.items():
+        spent = {row[0]: row[1] for row in hours.get(name, [])}
+        points = [(spent[row[0]], row[1], row[2] or 0.0) for row in rows if row[0] in spent]
+        if points:
+            curves.append(Curve(name, *map(list, zip(*points))))
+    return [Panel(f"{title} against GPU-hours", curves, title, xlabel=TRAINING_GPU_HOURS)] if curves else []
+
+
+def compare(runs: list[Path], out_dir: Path) -> tuple[str, Path]:
+    """Markdown tables (one per metric and protocol: a row per step, a column per group of seeds)
+    and a plot of every metric with mean ± std bands, the main one also against the GPU-hours
+    spent; the full protocol first, the quick one's apart; written to OUT_DIR/comparison.md and
+    comparison.png."""
+    groups = run_groups(runs)
+    records = {run: read_results(run) for run in runs}
+    texts, panels = [], []
+    for protocol in protocols_of([r for rs in records.values() for r in rs]):
+        own = {run: [r for r in rs if record_protocol(r) == protocol] for run, rs in records.items()}
+        protocol_texts, protocol_panels = protocol_comparison(groups, own, protocol)
+        texts += protocol_texts
+        panels += protocol_panels
+    text = "\n\n".join(texts)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "comparison.md", text + "\n")
     plot = draw_panels(panels, f"{len(groups)} configurations, {len(runs)} runs: mean ± std over seeds",

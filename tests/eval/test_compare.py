@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from dtr_scale.eval.compare import compare, find_runs, main, run_groups, seed_statistics
-from dtr_scale.eval.results import append_result
+from dtr_scale.eval.compare import compare, find_runs, main, protocol_comparison, run_groups, seed_statistics
+from dtr_scale.eval.results import append_result, read_results
 
 SETTINGS = {"averaging": "ema", "sampler": "ddpm", "sampling_steps": 50, "cfg_scale": 1.5, "guided_channels": "all",
             "ddim_eta": 0.0, "num_samples": 500, "labels": "balanced", "seed": 0, "reference": "digits"}
@@ -103,3 +103,24 @@ def test_the_command_writes_beside_the_sweep_and_names_a_missing_one(sweep, tmp_
     assert "| 600 | 575.00 ± 15.00 |" in out and f"plot: {sweep / 'comparison.png'}" in out
     with pytest.raises(SystemExit, match="no evaluated run under .*nothing"):
         main([str(tmp_path / "nothing")])
+
+
+def test_quick_results_are_compared_apart_and_drawn_against_gpu_hours(tmp_path):
+    # two seeds: the full protocol at the last step (600) only, the quick one at 300 and 600
+    for seed, fd in enumerate((500.0, 520.0)):
+        run = tmp_path / str(seed)
+        make_run(run, "dtr", "ant_uw", seed, {600: fd})
+        for step, quick_fd, hours in ((300, 6.0 + 2 * seed, 1.0 + seed), (600, 3.0 + seed, 2.0 + seed)):
+            append_result(run, {"step": step, **SETTINGS, "protocol": "quick", "num_samples": 100,
+                                "digits_fd": quick_fd, "gpu_hours": hours})
+    runs = find_runs([tmp_path])
+    text, plot = compare(runs, tmp_path)
+    full, quick = text.split("digits_fd (quick protocol), mean ± std over seeds")
+    assert "| 600 | 510.00 ± 14.14 |" in full and "| 300 |" not in full and "num_samples 500" in full
+    assert "| 300 | 7.00 ± 1.41 |" in quick and "| 600 | 3.50 ± 0.71 |" in quick and "num_samples 100" in quick
+    _, panels = protocol_comparison(run_groups(runs), {run: [r for r in read_results(run) if r.get("protocol")]
+                                                       for run in runs}, "quick")
+    hours = next(p for p in panels if p.title == "digits_fd (quick protocol) against GPU-hours")
+    (curve,) = hours.curves  # x: mean GPU-hours over the seeds at each step, y: mean digits-FD
+    assert (list(curve.steps), list(curve.values)) == ([1.5, 2.5], [7.0, 3.5]) and hours.xlabel == "GPU-hours of training"
+    assert plot.stat().st_size > 1000
