@@ -103,8 +103,9 @@ def last_evaluation(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     newest = max(reversed(records), key=lambda r: r["step"])  # reversed: the last stored wins a tie
     metric, step, averaging = main_metric([newest]), newest["step"], newest["averaging"]
+    how = averaging if record_protocol(newest) == "full" else f"{averaging}, {record_protocol(newest)} protocol"
     return {"step": step, "averaging": averaging, "metric": metric, "value": newest[metric], "time": newest.get("time"),
-            "text": f"{metric} {format_metric(metric, newest[metric])} at step {step} ({averaging})"}
+            "text": f"{metric} {format_metric(metric, newest[metric])} at step {step} ({how})"}
 
 
 def format_metric(name: str, value: Any) -> str:
