@@ -75,14 +75,16 @@ def _status() -> None:
 
 
 def _export() -> None:
-    parser = argparse.ArgumentParser(prog="dtr-scale export", description="Write a checkpoint's EMA weights as one "
-                                     "safetensors file with the official DiT parameter names.")
+    parser = argparse.ArgumentParser(prog="dtr-scale export", description="Write a checkpoint's EMA weights with "
+                                     "the official DiT parameter names: OUT.safetensors, and OUT.pt beside it, which "
+                                     "DiT's own find_model loads (a routed model's mask tables ride along under "
+                                     "'routing'; a vanilla DiT ignores them).")
     parser.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run dir (its latest)")
-    parser.add_argument("out", help="the .safetensors file to write")
+    parser.add_argument("out", help="the .safetensors file to write (the .pt goes beside it)")
     args = parser.parse_args()
     from pathlib import Path
 
-    from dtr_scale.eval.sample import export_ema
+    from dtr_scale.eval.sample import dit_checkpoint_path, export_ema
     from dtr_scale.train.checkpoint import CheckpointError, latest_checkpoint
 
     source = Path(args.checkpoint)
@@ -91,9 +93,11 @@ def _export() -> None:
         if source is None:
             sys.exit(f"dtr-scale export: {args.checkpoint} has no complete checkpoint")
     try:
-        print(export_ema(source, args.out))
-    except (CheckpointError, FileNotFoundError) as err:
+        out = export_ema(source, args.out)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"dtr-scale export: {err}")
+    print(out)
+    print(dit_checkpoint_path(out))
 
 
 def _sample() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.diffusion.sampling import sample_latents
+from dtr_scale.io import atomic_write
 from dtr_scale.models import DiT
 from dtr_scale.train.checkpoint import open_checkpoint, read_weights
 from dtr_scale.train.components import build_diffusion, build_model
@@ -22,16 +23,39 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> tuple[DiT, TrainCon
     return model.eval(), checkpoint.config
 
 
+def routing_export(model: DiT, cfg: TrainConfig) -> dict:
+    """What a routed model needs beyond DiT's own weights: its kind, settings and mask tables
+    ([1 or depth, T, C] bool). A vanilla DiT has none of it and ignores it."""
+    r = cfg.routing
+    if model.routing is None:
+        return {"kind": "none"}
+    return {"kind": r.kind, "beta": float(r.beta), "alpha": float(r.alpha), "seed": int(r.seed),
+            "tables": model.routing.tables.cpu().clone()}
+
+
+def dit_checkpoint_path(out: str | Path) -> Path:
+    """Where export_ema writes the .pt beside OUT.safetensors."""
+    return Path(out).with_suffix(".pt")
+
+
 def export_ema(checkpoint: str | Path, out: str | Path) -> Path:
-    """The EMA weights as one safetensors file with the official DiT names, loadable by a
-    vanilla `create_model(...)` with strict=True and nothing of this project's machinery."""
+    """The EMA weights with the official DiT names, twice: OUT (safetensors, loadable by a vanilla
+    `create_model(...)` with strict=True; returned) and dit_checkpoint_path(OUT), a dict that DiT's
+    own `find_model` loads (torch.load, then its "ema" entry; weights only) and whose "routing"
+    entry holds a DTR or R-TR model's mask tables (DiT's code ignores it: such weights are only
+    the trained model inside a routed DiT)."""
     from safetensors.torch import save_file
 
-    model, cfg = load_model(checkpoint, use_ema=True)
     out = Path(out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out),
-              metadata={"model": cfg.model.name, "routing": cfg.routing.kind, "beta": str(cfg.routing.beta),
-                        "alpha": str(cfg.routing.alpha), "source": str(checkpoint)})
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: name the export NAME.safetensors (NAME.pt is written beside it)")
+    model, cfg = load_model(checkpoint, use_ema=True)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out), metadata={"model": cfg.model.name, "routing": cfg.routing.kind,
+                                           "beta": str(cfg.routing.beta), "alpha": str(cfg.routing.alpha),
+                                           "routing_seed": str(cfg.routing.seed), "source": str(checkpoint)})
+    atomic_write(dit_checkpoint_path(out), lambda f: torch.save(
+        {"ema": weights, "routing": routing_export(model, cfg), "model": cfg.model.name, "source": str(checkpoint)}, f))
     return out
 
 
