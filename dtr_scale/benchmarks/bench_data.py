@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import numpy as np
-import psutil  # installed with the project's dependencies (deepspeed, wandb)
 import torch
 
 from dtr_scale.models.autoencoders import PixelAutoencoder
@@ -26,6 +25,7 @@ from dtr_scale.data_prep.merge import merge
 from dtr_scale.data_prep.prepare import PrepSettings, encode_with_flip, prepare
 from dtr_scale.data_prep.sources import ArraySource
 from dtr_scale.data.loader import build_shard_loader
+from dtr_scale.extras import import_extra
 
 
 class NoisyPixelAutoencoder(PixelAutoencoder):
@@ -50,7 +50,7 @@ def make_latent_dataset(out: str, fmt: str, num_samples: int) -> None:
 
 def cpu_seconds() -> float:
     """CPU time of this process and its live children (the loader's workers)."""
-    me = psutil.Process()
+    me = import_extra("psutil").Process()  # the [bench] extra
     return sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)])
 
 

@@ -17,9 +17,9 @@ DIGITS_NUM_CLASSES = 10
 
 def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [1797, size, size, 3], labels int64 [1797])."""
-    from sklearn.datasets import load_digits
+    from dtr_scale.extras import import_extra
 
-    digits = load_digits()
+    digits = import_extra("sklearn.datasets").load_digits()  # the [digits] extra
     gray = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # [N, 1, 8, 8] in [0, 1]
     if size != 8:
         gray = F.interpolate(gray, size=(size, size), mode="bilinear", align_corners=False)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dtr_scale.extras import import_extra
+
 log = logging.getLogger(__name__)
 
 # The ANT code's stopping rule and solver budget for the sequence of convex problems.
@@ -47,7 +49,7 @@ def _nash_problem(k: int) -> tuple:
     phi(alpha) = sum_i log(alpha_i) + log((G alpha)_i). Written with parameters so cvxpy
     compiles the problem once (DPP) and each iterate only swaps values.
     """
-    import cvxpy as cp  # seconds to import, and only ANT-Nash needs it
+    cp = import_extra("cvxpy")  # the [nash] extra: seconds to import, and only ANT-Nash needs it
 
     alpha = cp.Variable(k, nonneg=True)
     gram = cp.Parameter((k, k))
@@ -67,7 +69,7 @@ def nash_weights(gram: np.ndarray, factor: float, previous: np.ndarray, max_iter
     1e-3 for the current iterate, or when a step moves alpha by less than 1e-6. The
     iterate at which the rule fires is returned (a failed solve keeps it).
     """
-    import cvxpy as cp
+    cp = import_extra("cvxpy")
 
     k = len(previous)
     problem, alpha, gram_p, linear_p, log_factor_p = _nash_problem(k)
