@@ -16,7 +16,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dtr_scale.diffusion.schedules import ddim_timesteps
+# config imports nothing of the project (it is the bottom layer): the two facts of other
+# layers that its checks need, the DiT size presets and DiT's DDIM spacing, live here and
+# models.dit / diffusion.schedules import them from here.
+
+# depth, hidden size and heads of the DiT paper's Table 1; patch size is the "/N".
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_PRESETS: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{patch}": {"depth": d, "hidden_size": c, "num_heads": h, "patch_size": patch}
+    for size, (d, c, h) in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """DiT's / improved-DDPM's `space_timesteps(T, "ddimN")`: the smallest integer stride whose
+    range from 0 holds exactly `steps` timesteps (0, 20, ..., 980 for 50 of 1000)."""
+    for stride in range(1, num_timesteps):
+        kept = list(range(0, num_timesteps, stride))
+        if len(kept) == steps:
+            return kept
+    raise ValueError(f"diffusion.sampling_steps={steps}: no integer stride gives exactly {steps} DDIM steps "
+                     f"out of {num_timesteps} (as in DiT); choose a count such as {num_timesteps // 20} "
+                     f"or {num_timesteps // 4}")
 
 
 class ConfigError(ValueError):
@@ -51,8 +73,6 @@ class ModelConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        from dtr_scale.models.dit import DIT_PRESETS
-
         _choice(self.name, "model.name", tuple(DIT_PRESETS))
         _require(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         patch = self.patch_size or DIT_PRESETS[self.name]["patch_size"]

@@ -100,3 +100,69 @@ def test_an_upward_import_inside_a_function_is_found(tmp_path):
         f"{source}:5: dtr_scale.train.loop imports dtr_scale.launch",
     ]
     assert upward_imports("dtr_scale.eval.watcher", source) == []  # eval may use launch
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports anywhere in its file (top level, inside a
+    function, under TYPE_CHECKING); `from p import x` names p.x where that is a module, else p."""
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for _, names in imported_names(module, path):
+            base, *members = names
+            found = [name for name in members if name in modules]
+            targets.update(found if found else [base] if base in modules else [])
+        graph[module] = targets - {module}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each set of modules that import each other (directly or through others): the strongly
+    connected components of more than one module (Tarjan's algorithm), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(found)
+
+
+def test_no_module_imports_one_that_imports_it_back(modules):
+    cycles = import_cycles(import_graph(modules))
+    assert cycles == [], "modules that import each other (directly or in a loop):\n" + "\n".join(
+        " <-> ".join(cycle) for cycle in cycles)
+
+
+def test_config_imports_nothing_of_the_project(modules):
+    assert import_graph(modules)["dtr_scale.config"] == set()
+
+
+def test_a_loop_of_imports_is_found(tmp_path):
+    files = {"a": "from dtr_scale.b import f\n", "b": "def f():\n    import dtr_scale.c\n",
+             "c": "from dtr_scale import a\n", "d": "from dtr_scale.a import g\n"}
+    modules = {}
+    for name, source in files.items():
+        (tmp_path / f"{name}.py").write_text(source)
+        modules[f"dtr_scale.{name}"] = tmp_path / f"{name}.py"
+    assert import_cycles(import_graph(modules)) == [["dtr_scale.a", "dtr_scale.b", "dtr_scale.c"]]

@@ -46,7 +46,6 @@ import argparse
 import gc
 import json
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from dtr_scale.config import TrainConfig, to_train_config
@@ -64,6 +62,7 @@ from dtr_scale.hardware import device_peak_tflops, gpu_type_of_device
 from dtr_scale.models.cost import dit_shape, forward_macs, model_flops_utilization
 from dtr_scale.plan.calibration import model_key
 from dtr_scale.provenance import git_state
+from dtr_scale.world import World, process_group
 
 REPORT = "gpu_report.json"
 ENTRIES = "calibration_entries.yaml"
@@ -145,62 +144,26 @@ def compile_blocks(model: torch.nn.Module, spec: Spec, cfg: TrainConfig) -> None
             block.compile(backend=spec.compile_backend)
 
 
-def build_backend(cfg: TrainConfig, spec: Spec, *, compile: bool):
-    """The training loop's backend around the configured model and objective, on one device."""
-    from dtr_scale.train.backends import make_backend
-    from dtr_scale.train.components import DiffusionTrainModule, build_model, build_objective
-    from dtr_scale.train.ema import make_ema
-    from dtr_scale.world import World
-
-    torch.manual_seed(cfg.seed)
-    model, objective = build_model(cfg), build_objective(cfg)
-    module, ema = DiffusionTrainModule(model, objective), make_ema(model)
-    backend = make_backend(cfg, World(device=torch.device(cfg.device)))
-    backend.setup(module, ema)
-    if compile:
-        compile_blocks(model, spec, cfg)
-    return backend, objective
-
-
 def time_training(cfg: TrainConfig, spec: Spec, *, steps: int, warmup: int, compile: bool = True,
                   keep: list | None = None) -> dict[str, Any]:
-    """Training steps as the loop runs them (draws on the device, forward/backward, clipping, the
-    device-masked AdamW step, EMA), on fixed latents: images/s, step time, peak memory and losses."""
-    from dtr_scale.train.loop import draw_step, step_values, update_allowed
-    from dtr_scale.train.mtl import max_grad_norm
+    """The training loop's own step (train.loop.train_step: draws on the device, forward/backward,
+    clipping, the device-masked AdamW step, EMA), on fixed latents: images/s, step time, peak
+    memory and losses."""
+    from dtr_scale.train.loop import assemble, random_batch, timed_steps
 
     free_memory()
-    backend, objective = build_backend(cfg, spec, compile=compile)
-    device, m, batch = torch.device(cfg.device), cfg.model, cfg.global_batch_size
-    generator = torch.Generator(device=device).manual_seed(1)
-    x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device, generator=generator)
-    y = torch.randint(0, m.num_classes, (batch,), device=device, generator=generator)
-    skipped = torch.zeros((), dtype=torch.long, device=device)
-    world = backend.world
-    values = []
-
-    def step(i: int) -> None:
-        draws = draw_step(cfg, objective, i, 0, 1, device)
-        out = backend.forward(x0, y, draws.t, draws.noise, draws.drop)
-        backend.backward(out["loss"])
-        v = step_values([{k: t.detach() for k, t in out.items()}], backend.clip_grad_norm(max_grad_norm(cfg)), world)
-        backend.step(update_allowed(v, skipped, 0))
-        backend.update_ema(cfg.ema_decay)
-        values.append(v)
-
-    for i in range(warmup):
-        step(i)
-    synchronize(cfg.device)
-    start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
-    synchronize(cfg.device)
-    seconds = time.perf_counter() - start
-    losses = [row[0] for row in torch.stack(values).tolist()]
+    world = World(device=torch.device(cfg.device))
+    parts = assemble(cfg, world)
+    if compile:
+        compile_blocks(parts.model, spec, cfg)
+    batch = random_batch(cfg, world.device, cfg.global_batch_size)
+    _, warm = timed_steps(parts, batch, 0, warmup)
+    seconds, timed = timed_steps(parts, batch, warmup, steps)
+    losses = [row[0] for row in torch.stack([v.values for v in warm + timed]).tolist()]
     if keep is not None:
-        keep.append(backend)
-    return {"batch": batch, "images_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps,
-            "peak_memory_gib": peak_memory_gib(cfg.device), "losses": losses}
+        keep.append(parts.backend)
+    return {"batch": cfg.global_batch_size, "images_per_s": cfg.global_batch_size * steps / seconds,
+            "step_ms": 1e3 * seconds / steps, "peak_memory_gib": peak_memory_gib(cfg.device), "losses": losses}
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -296,7 +259,8 @@ class Bench:
     def parallel(self) -> dict[str, Any]:
         cfg = self.largest()
         out = {"model": cfg.model.name, "batch": cfg.global_batch_size}
-        with one_process_group(cfg.device):
+        # DDP and FSDP2 wrap only inside a process group: one of this process alone
+        with process_group(World(device=torch.device(cfg.device)), cfg.device, alone=True):
             for name in ("ddp", "fsdp"):
                 run = replace(cfg, backend=replace(cfg.backend, name=name))
                 timed = time_training(run, self.spec, steps=self.spec.steps, warmup=self.spec.warmup)
@@ -464,22 +428,6 @@ def final_state(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     dcp_to_torch_save(latest_checkpoint(cfg.run_dir), out)
     state = torch.load(out, weights_only=True)
     return {f"{part}.{k}": v for part in ("module", "ema") for k, v in state[part].items()}
-
-
-class one_process_group:
-    """A process group of this process alone (DDP and FSDP2 wrap only inside one)."""
-
-    def __init__(self, device: str):
-        self.backend = "nccl" if device == "cuda" else "gloo"
-
-    def __enter__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(self.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-
-    def __exit__(self, *exc: object) -> None:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- report

@@ -85,14 +85,15 @@ def _jobs_worker(rank: int, configs: list[TrainConfig], port: int) -> None:
     import torch.distributed as dist
 
     from dtr_scale.train.loop import train
+    from dtr_scale.world import World, process_group
 
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    for cfg in configs:
-        train(cfg)
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(Path(cfg.run_dir) / "checkpoints")  # a few hundred MB each otherwise
-    dist.destroy_process_group()
+    with process_group(World.from_env(), "cpu"):  # one group for all the runs; train() uses it
+        for cfg in configs:
+            train(cfg)
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(Path(cfg.run_dir) / "checkpoints")  # a few hundred MB each otherwise
 
 
 def run_jobs(configs: list[TrainConfig]) -> None:

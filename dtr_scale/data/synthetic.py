@@ -7,15 +7,9 @@ and the quick main job measure exactly that distance.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from dtr_scale.data.order import BatchOrder
-
-
-def step_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (seed, step, ...), stable across runs and platforms."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class SyntheticLatents:

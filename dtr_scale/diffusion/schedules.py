@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from dtr_scale.config import ddim_timesteps  # noqa: F401  (config checks the spacing when it is set)
+
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
     # DDPM's 1e-4 .. 0.02 over 1000 steps, rescaled for other T (improved-DDPM).
@@ -45,15 +47,3 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
         return [0]
     stride = (num_timesteps - 1) / (steps - 1)
     return [round(i * stride) for i in range(steps)]
-
-
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """DiT's / improved-DDPM's `space_timesteps(T, "ddimN")`: the smallest integer stride whose
-    range from 0 holds exactly `steps` timesteps (0, 20, ..., 980 for 50 of 1000)."""
-    for stride in range(1, num_timesteps):
-        kept = list(range(0, num_timesteps, stride))
-        if len(kept) == steps:
-            return kept
-    raise ValueError(f"diffusion.sampling_steps={steps}: no integer stride gives exactly {steps} DDIM steps "
-                     f"out of {num_timesteps} (as in DiT); choose a count such as {num_timesteps // 20} "
-                     f"or {num_timesteps // 4}")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from dtr_scale.config import ConfigError, TrainConfig
 from dtr_scale.launch.environment import threads_per_task
 from dtr_scale.train.loop import train
+from dtr_scale.world import World, process_group
 
 
 def train_in_launched_world(cfg: TrainConfig, world: dict[str, str],
@@ -30,8 +31,7 @@ def train_in_launched_world(cfg: TrainConfig, world: dict[str, str],
         torch.set_num_threads(threads_per_task(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if cfg.device == "cuda":
         torch.cuda.set_device(int(world["LOCAL_RANK"]))
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo")
-    try:
+    with process_group(World.from_env(cfg.device), cfg.device, alone=True):
         # Each rank composed its own config: a default run_dir (a timestamp) may differ between them.
         run_dirs: list = [None] * int(world["WORLD_SIZE"])
         dist.all_gather_object(run_dirs, cfg.run_dir)
@@ -42,5 +42,3 @@ def train_in_launched_world(cfg: TrainConfig, world: dict[str, str],
             prepare(cfg)
         dist.barrier()
         train(cfg, on_checkpoint=on_checkpoint)
-    finally:
-        dist.destroy_process_group()

@@ -15,15 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtr_scale.config import DIT_PRESETS  # noqa: F401  (the size presets live with the config that checks them)
 from dtr_scale.models.routing import ROUTING_KINDS, TaskRouting
-
-# depth, hidden size and heads of the DiT paper's Table 1; patch size is the "/N".
-_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-DIT_PRESETS: dict[str, dict[str, int]] = {
-    f"DiT-{size}/{patch}": {"depth": d, "hidden_size": c, "num_heads": h, "patch_size": patch}
-    for size, (d, c, h) in _SIZES.items()
-    for patch in (2, 4, 8)
-}
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

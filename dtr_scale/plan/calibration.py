@@ -7,8 +7,8 @@ nothing was measured. Every figure carries its source.
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,10 @@ from typing import Any
 import torch
 import yaml
 
-from dtr_scale.config import BackendConfig, ConfigError, ModelConfig, TrainConfig
+from dtr_scale.config import BackendConfig, ConfigError, DataConfig, ModelConfig, TrainConfig
 from dtr_scale.hardware import GPUS, GPUType
 from dtr_scale.models.cost import FORWARDS_PER_TRAINING_STEP
-from dtr_scale.train.backends.torch_dist import TorchBackend
-from dtr_scale.train.components import DiffusionTrainModule, build_model, build_objective
-from dtr_scale.train.ema import make_ema
+from dtr_scale.train.loop import assemble, random_batch, timed_steps
 from dtr_scale.world import World
 
 CALIBRATION_FILE = files("dtr_scale.plan") / "calibration.yaml"
@@ -140,30 +138,24 @@ def choose_gpu(cfg: TrainConfig, cal: Calibration, requested: str | None = None)
 
 
 def measure_images_per_s(cfg: TrainConfig, steps: int = 10, warmup: int = 3) -> float:
-    """Training images/s of one process on cfg.device at the config's per-GPU batch: forward,
-    backward and AdamW step of the configured model and loss, through the trainer's backend
-    (one process: the unwrapped module) with its speed switches."""
-    device = torch.device(cfg.device)
-    backend = TorchBackend(cfg, World(device=device))
-    model, objective = build_model(cfg), build_objective(cfg)
-    backend.setup(DiffusionTrainModule(model, objective), make_ema(model))
-    batch, m = cfg.micro_batch_size, cfg.model
-    x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device)
-    y = torch.randint(0, m.num_classes, (batch,), device=device)
+    """Training images/s of one process on cfg.device at the config's per-GPU batch: the trainer's
+    own step (train.loop.train_step: forward, backward, clipping, the masked AdamW step, EMA and
+    post-hoc EMA) through its backend (one process: the unwrapped module) with its speed switches,
+    on random latents."""
+    one = one_process(cfg)
+    world = World(device=torch.device(cfg.device))
+    with tempfile.TemporaryDirectory(prefix="dtr-calibration-") as run_dir:  # the run's own directory stays untouched
+        parts = assemble(replace(one, run_dir=run_dir), world, load_init=False)
+        batch = random_batch(one, world.device, one.global_batch_size)
+        timed_steps(parts, batch, 0, warmup)
+        seconds, _ = timed_steps(parts, batch, warmup, steps)
+    return steps * one.global_batch_size / seconds
 
-    def step() -> None:
-        drop = (torch.rand(batch) < m.class_dropout_prob).long()
-        out = backend.forward(x0, y, objective.sample_timesteps(batch), torch.randn_like(x0), drop)
-        backend.backward(out["loss"])
-        backend.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+def one_process(cfg: TrainConfig) -> TrainConfig:
+    """cfg as one process training its per-GPU batch in one micro-step, on synthetic latents (a
+    DeepSpeed config is timed through DDP's unwrapped module, as one process runs it)."""
+    batch = cfg.micro_batch_size
+    backend = replace(cfg.backend, grad_accum=1, name="ddp" if cfg.backend.name == "deepspeed" else cfg.backend.name)
+    return replace(cfg, world_size=1, global_batch_size=batch, backend=backend,
+                   data=DataConfig(kind="synthetic", num_samples=batch))

@@ -14,37 +14,31 @@ their recorded sizes; loading one also checks the hashes, and a resume passes
 over a damaged checkpoint to the one before, so a crash, a truncated file or a
 flipped bit leaves an earlier checkpoint to resume from.
 
-Nothing read from a checkpoint runs code: DCP's `.metadata` (a pickle) goes
-through an unpickler that builds only DCP's own metadata classes, and the
-non-tensor values DCP stores are read with `torch.load(weights_only=True)`.
+Nothing read from a checkpoint runs code: each backend reads its own files (DCP's
+through `train.safe_dcp`), and this module reads only meta.json and the manifest. The
+manager knows no backend beyond `save` and `load`; which keys hold which weights is
+the business of the backend that wrote them (`train.backends.read_weights`).
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import shutil
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dtr_scale.config import CheckpointConfig, TrainConfig, to_train_config
 from dtr_scale.io import atomic_write_json, fsync_dir
-from dtr_scale.train.backends import Backend
 from dtr_scale.train.manifest import (  # noqa: F401  (re-exported: the checkpoint API in one place)
     MANIFEST, META, CheckpointError, checked_checkpoints, checkpoint_dir, checkpoint_name, complete_checkpoints,
     digest_files, file_digest, latest_checkpoint, read_manifest, read_meta, require_complete, retained, roll_forward,
@@ -52,101 +46,17 @@ from dtr_scale.train.manifest import (  # noqa: F401  (re-exported: the checkpoi
 )
 from dtr_scale.world import World
 
-DCP_METADATA = ".metadata"
 log = logging.getLogger(__name__)
 
 
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file that would run code if it were loaded the way torch loads it by default."""
+class StateFiles(Protocol):
+    """What the manager calls of a backend (`train.backends.Backend` has both): write and read its files."""
 
+    def save(self, path: Path, *, extra: Mapping[str, Stateful] = ..., asynchronous: bool = False) -> Future | None:
+        ...
 
-# --- reading DCP checkpoints without running code from them -----------------------------
-
-# What a `.metadata` pickle written by torch.distributed.checkpoint names: its dataclasses,
-# torch.Size, dtypes and layouts, and the checkpoint id (a path). Anything else is refused.
-_DCP_METADATA_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "StorageMeta", "MetadataIndex", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: Path):
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_METADATA_CLASSES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"refusing to load {self.source}: it names {module}.{name}, which DCP checkpoint metadata never "
-            f"holds (a crafted or foreign file; unpickling it could run code). Delete this checkpoint, or "
-            f"re-save it with dtr-scale")
-
-
-def read_dcp_metadata(path: str | Path) -> Metadata:
-    """The DCP metadata of checkpoint directory `path`, unpickled with an allow-list of DCP's classes."""
-    source = Path(path) / DCP_METADATA
-    try:
-        with open(source, "rb") as f:
-            metadata = _DCPMetadataUnpickler(f, source).load()
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{source} does not exist: {path} is not a complete DCP checkpoint") from err
-    except UnsafeCheckpointError:
-        raise
-    except Exception as err:  # a damaged pickle raises any of several types
-        raise CheckpointError(f"{source} is not readable DCP metadata ({type(err).__name__}: {err}); "
-                              f"the checkpoint is damaged: use an earlier one") from err
-    if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpointError(f"refusing to load {source}: it holds a {type(metadata).__name__}, not DCP metadata")
-    return metadata
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with its metadata read through `read_dcp_metadata` instead of `pickle.load`."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_dcp_metadata(self.path)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner with its non-tensor values (step counts, lr, names) read with weights_only=True."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(f"refusing to load the value {read_item.dest_index.fqn!r} of a DCP checkpoint: "
-                                        f"it is not plain data ({err})") from err
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._traverse import set_element
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def dcp_load(state: dict[str, Any], path: str | Path, **kwargs: Any) -> None:
-    """dcp.load(state) from checkpoint directory `path`, without running code from its files.
-
-    The metadata is checked first, so a crafted file is refused with UnsafeCheckpointError
-    naming it rather than a DCP CheckpointException that wraps it."""
-    read_dcp_metadata(path)
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(), **kwargs)
+    def load(self, path: Path, *, extra: Mapping[str, Stateful] = ...) -> None:
+        ...
 
 
 def _finish_write(save: Future, partial: Path, hash_here: bool) -> dict[str, str]:
@@ -164,10 +74,17 @@ class CheckpointManager:
     EMA) are written by the backend beside the model, resharded like it on load.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend: Backend, world: World,
-                 on_commit: Callable[[Path, int], None] | None = None):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, backend: StateFiles, world: World, *,
+                 last_step: int | None = None, keep_steps: Collection[int] = (),
+                 on_commit: Callable[[Path, int], None] | None = None,
+                 before_commit: Callable[[int], None] | None = None):
         self.root = checkpoint_dir(run_dir)
         self.on_commit = on_commit  # rank 0, after a checkpoint is complete: (its directory, its step)
+        # called with the step before a checkpoint is written, so what it writes (the post-hoc EMA
+        # snapshots) is on disk before the checkpoint a resume would start from commits
+        self.before_commit = before_commit
+        self.last_step = last_step  # the run's final step: always saved
+        self.keep_steps = frozenset(keep_steps)  # kept whatever the retention policy says (eval.milestones)
         self.cfg = cfg
         self.backend = backend
         self.world = world
@@ -194,33 +111,40 @@ class CheckpointManager:
         """Facts about the run written into each meta.json as they are (world size, backend, config)."""
         self.run_facts.update(facts)
 
-    def due(self, step: int, *, last_step: int) -> bool:
-        """Whether training saves after `step`: every `checkpoint.every` steps, and at the last step."""
-        return step % self.cfg.every == 0 or step == last_step
+    def due(self, step: int) -> bool:
+        """Whether training saves after `step`: every `checkpoint.every` steps, and at the run's last."""
+        return step % self.cfg.every == 0 or step == self.last_step
 
     def meta(self, step: int) -> dict[str, Any]:
         """meta.json of a checkpoint at `step`: the step, each registered plain state, the run's facts."""
         return {"step": step, **{name: obj.state_dict() for name, obj in self.meta_states.items()}, **self.run_facts}
 
-    def save(self, step: int, *, asynchronous: bool | None = None) -> None:
+    def save(self, step: int, *, last: bool = False) -> bool:
+        """Save after `step` if a save is due, or always with `last` (the process stops after it: a
+        stop request, or the end), then synchronously. Whether it saved."""
+        last = last or step == self.last_step
+        if not (last or self.due(step)):
+            return False
+        if self.before_commit is not None:
+            self.before_commit(step)
         start = time.perf_counter()
         self.wait()
         # A stop right after a scheduled save, or right after resuming, asks for the same state
         # again; rewriting it would delete the complete copy before the new one is renamed in.
         if step != self.on_disk_step:
-            self._write(step, self.meta(step), asynchronous)
+            self._write(step, self.meta(step), asynchronous=self.cfg.async_save and not last)
             self.on_disk_step = step
         self.blocked_seconds += time.perf_counter() - start
+        return True
 
-    def _write(self, step: int, meta: dict[str, Any], asynchronous: bool | None) -> None:
+    def _write(self, step: int, meta: dict[str, Any], asynchronous: bool) -> None:
         partial = self.root / f"{checkpoint_name(step)}.partial"
         if self.world.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt at this step
             partial.mkdir(parents=True)
             atomic_write_json(partial / META, meta)
         self._barrier()
-        use_async = self.cfg.async_save if asynchronous is None else asynchronous
-        future = self.backend.save(partial, extra=self.tensor_states, asynchronous=use_async)
+        future = self.backend.save(partial, extra=self.tensor_states, asynchronous=asynchronous)
         if future is None:
             self._barrier()
             self._commit(step, partial, digest_files(partial) if self.world.rank == 0 else {})
@@ -259,7 +183,8 @@ class CheckpointManager:
         entries = [e for e in read_manifest(self.root.parent) if e["step"] != step]
         entries.append({"step": step, "name": final.name, "files": files, "sha256": digests, "time": time.time()})
         entries.sort(key=lambda e: e["step"])
-        keep = retained([e["step"] for e in entries], self.cfg.keep_last, self.cfg.keep_every)
+        steps = [e["step"] for e in entries]
+        keep = retained(steps, self.cfg.keep_last, self.cfg.keep_every) | self.keep_steps.intersection(steps)
         # the manifest first, then the rename: a crash between them leaves an entry whose directory
         # is missing or still the old one (reported and passed over), never a directory without an entry
         atomic_write_json(self.root / MANIFEST, {"checkpoints": [e for e in entries if e["step"] in keep]})
@@ -335,12 +260,7 @@ class CheckpointManager:
             dist.barrier()
 
 
-# --- reading a checkpoint's weights: the one place that knows which keys hold them ---------
-
-EMA_EXPORT = "ema.safetensors"  # the EMA beside a checkpoint whose files DCP cannot read (DeepSpeed's)
-WEIGHTS = ("ema", "raw")  # the trainer's per-step EMA; the optimizer's weights
-_DCP_PREFIX = {"ema": "ema.", "raw": "module.model."}  # the backends' DCP keys: {"ema"}, {"module": {"model.*"}}
-
+# --- a complete checkpoint and its meta --------------------------------------------------
 
 def run_dir_of(checkpoint: str | Path) -> Path:
     """RUN_DIR of RUN_DIR/checkpoints/step_N."""
@@ -382,30 +302,8 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> CheckpointInfo:
 
 
 def read_weights(path: str | Path, which: str) -> dict[str, torch.Tensor]:
-    """The whole model weights `which` ("ema" or "raw") of checkpoint `path`, on the CPU, under
-    the official DiT names. Reads only those tensors: the optimizer and the other copy stay on
-    disk. The caller checks the checkpoint first (open_checkpoint, require_complete)."""
-    path = Path(path)
-    if which not in WEIGHTS:
-        raise ValueError(f"weights {which!r} are not one of {', '.join(WEIGHTS)}")
-    if which == "ema" and (path / EMA_EXPORT).exists():
-        from safetensors.torch import load_file
+    """The whole model weights `which` ("ema" or "raw") of checkpoint `path`, read by the backend
+    that wrote it (`train.backends.read_weights`, where the evaluator's callers should import it from)."""
+    from dtr_scale.train.backends import read_weights as read_backend_weights
 
-        return load_file(str(path / EMA_EXPORT))
-    what = "EMA" if which == "ema" else "model"
-    try:
-        prefix = _DCP_PREFIX[which]
-        weights = {fqn[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype)
-                   for fqn, entry in read_dcp_metadata(path).state_dict_metadata.items()
-                   if fqn.startswith(prefix) and isinstance(entry, TensorStorageMetadata)}
-        if not weights:
-            raise CheckpointError(f"it holds no {prefix}* tensors")
-        request = {"ema": weights} if which == "ema" else {"module": {f"model.{k}": v for k, v in weights.items()}}
-        with warnings.catch_warnings():  # DCP's note that it reads without a process group: intended here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(request, path)
-    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-        raise CheckpointError(f"could not read the {what} weights of {path} ({type(err).__name__}: {err})") from err
-    if which == "raw":
-        weights = {k[len("model."):]: v for k, v in request["module"].items()}
-    return weights
+    return read_backend_weights(path, which)

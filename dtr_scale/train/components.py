@@ -14,7 +14,6 @@ from dtr_scale.diffusion.gaussian import GaussianDiffusion
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.models import DiT, create_model
 from dtr_scale.models.weights import load_dit_weights
-from dtr_scale.train.checkpoint import complete_checkpoints
 
 
 class DiffusionTrainModule(nn.Module):
@@ -33,8 +32,8 @@ class DiffusionTrainModule(nn.Module):
 
 
 def build_model(cfg: TrainConfig, *, load_init: bool = True) -> DiT:
-    """The configured DiT; with model.init_from (and load_init), its weights come from that file
-    while the run has no complete checkpoint yet (a resume loads the checkpoint's instead)."""
+    """The configured DiT; with model.init_from and `load_init`, its weights come from that file
+    (the trainer passes load_init=False when it resumes: the checkpoint's weights come next)."""
     m, r = cfg.model, cfg.routing
     model = create_model(
         m.name, routing=r.kind, beta=r.beta, alpha=r.alpha, routing_seed=r.seed,
@@ -42,7 +41,7 @@ def build_model(cfg: TrainConfig, *, load_init: bool = True) -> DiT:
         num_classes=m.num_classes, learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
         **m.overrides(),
     )
-    if load_init and m.init_from and not complete_checkpoints(cfg.run_dir):
+    if load_init and m.init_from:
         load_dit_weights(model, m.init_from)
     return model
 

@@ -54,18 +54,13 @@ def _worker(rank: int, cfg: TrainConfig, world_size: int, store_file: str, stop_
     logging.basicConfig(level=log_level, force=True,
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
-    import torch.distributed as dist
 
     from dtr_scale.train.loop import train
+    from dtr_scale.world import World, process_group
 
     torch.set_num_threads(1)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo",
-                            init_method=Path(store_file).as_uri(), rank=rank, world_size=world_size)
-    try:
+    with process_group(World.from_env(cfg.device), cfg.device, init_method=Path(store_file).as_uri()):
         train(cfg, stop_requested=None if stop_at is None else stop_after(stop_at), on_checkpoint=on_checkpoint)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_processes(cfg: TrainConfig, nprocs: int, *, stop_at: int | None = None,

@@ -1,4 +1,7 @@
-"""The training loop, written once for every backend.
+"""Training, as torchtitan's trainer has it: `assemble` builds the parts of a run from the
+config, `train_step` is one optimizer step, and `train` is the run's lifecycle. Everything
+that times or measures training (dtr-bench gpu / train / overhead, the planner's
+calibration) calls the same `train_step`.
 
 Each step's randomness (timesteps, noise, label dropout) is drawn for the whole
 global batch from a generator seeded by (seed, step), and each rank takes its
@@ -21,37 +24,43 @@ with one process), so all ranks stop at the same step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from dtr_scale.config import TrainConfig
 from dtr_scale.data.loader import DevicePrefetcher
-from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.hardware import device_peak_tflops
+from dtr_scale.models import DiT
 from dtr_scale.models.cost import dit_shape, forward_macs, model_flops_utilization
 from dtr_scale.plots.routing import ROUTING_PNG, write_routing_png
 from dtr_scale.provenance import write_provenance
-from dtr_scale.train.backends import make_backend
-from dtr_scale.train.checkpoint import CheckpointManager
+from dtr_scale.rng import STEP_DRAWS_STREAM, step_seed
+from dtr_scale.train.backends import Backend, make_backend
+from dtr_scale.train.checkpoint import CheckpointManager, complete_checkpoints
 from dtr_scale.train.components import (
     DiffusionTrainModule, build_loader, build_model, build_objective, config_to_dict,
 )
 from dtr_scale.train.ema import make_ema
 from dtr_scale.train.lock import lock_run_dir
 from dtr_scale.train.metrics import MetricsLogger, StepTimer
-from dtr_scale.train.mtl import make_interval_gradient_step, max_grad_norm
+from dtr_scale.train.mtl import IntervalGradientStep, make_interval_gradient_step, max_grad_norm
 from dtr_scale.train.phema import PosthocEMATracker
-from dtr_scale.world import World, full_tensor
+from dtr_scale.world import World, full_tensor, process_group
 
 log = logging.getLogger(__name__)
+
+STOP_POLL_EVERY = 4  # steps between the ranks' agreement on a stop request (one host-side all-reduce)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -69,6 +78,7 @@ class TrainResult:
 
 @dataclass
 class StepDraws:
+    step: int
     t: torch.Tensor
     noise: torch.Tensor
     drop: torch.Tensor
@@ -78,14 +88,14 @@ def draw_step(cfg: TrainConfig, objective: TrainingObjective, step: int, rank: i
               device: torch.device | str = "cpu") -> StepDraws:
     """This rank's rows of the global batch's timesteps, noise and label-dropout mask for `step`,
     drawn on `device` (the same numbers on every device of one type, not across types)."""
-    g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, 1))
+    g = torch.Generator(device=device).manual_seed(step_seed(cfg.seed, step, STEP_DRAWS_STREAM))
     batch = cfg.global_batch_size
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     t = objective.sample_timesteps(batch, g)
     noise = torch.randn(batch, *shape, generator=g, device=g.device)
     drop = (torch.rand(batch, generator=g, device=g.device) < cfg.model.class_dropout_prob).long()
     rows = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
-    return StepDraws(t[rows], noise[rows], drop[rows])
+    return StepDraws(step, t[rows], noise[rows], drop[rows])
 
 
 @dataclass
@@ -104,15 +114,120 @@ class Counters:
         vars(self).update(vars(Counters(**state)))  # an unknown key is a TypeError naming it
 
 
-STOP_POLL_EVERY = 4  # steps between the ranks' agreement on a stop request (one host-side all-reduce)
-
-
 @dataclass
-class PendingStep:
+class StepValues:
     """A trained step's reported values, still on the device until the next host check."""
 
     step: int  # the step's index: `step + 1` steps are done after it
     values: torch.Tensor  # [loss, unweighted loss, mse, vb, *interval losses, grad norm], means over ranks
+
+
+@dataclass
+class Parts:
+    """What a run trains with, built from the config by `assemble`; `train_step` uses these."""
+
+    cfg: TrainConfig
+    world: World
+    model: DiT  # the bare model (before any wrapping), for its routing tables and size
+    objective: TrainingObjective
+    ema: nn.Module
+    backend: Backend  # wraps model + objective and the EMA; owns the optimizer
+    phema: PosthocEMATracker | None  # post-hoc EMA (cfg.phema_stds), else None
+    loader: DevicePrefetcher  # this rank's batches, the next one copied to the device ahead
+    interval_step: IntervalGradientStep | None  # ANT-Nash and PCGrad's k per-interval gradients, else None
+    timer: StepTimer
+    counters: Counters = field(default_factory=Counters)
+    # non-finite steps counted on the device, so the mask needs no host sync; set from counters on resume
+    skipped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    @property
+    def max_norm(self) -> float:
+        return max_grad_norm(self.cfg)
+
+    @property
+    def allowed_skips(self) -> int:
+        """Non-finite steps the run survives: none under nan_policy=stop."""
+        return 0 if self.cfg.health.nan_policy == "stop" else self.cfg.health.max_skipped_steps
+
+
+def assemble(cfg: TrainConfig, world: World, *, load_init: bool = True) -> Parts:
+    """The run's parts: model (from model.init_from with `load_init`), objective, EMA, backend,
+    post-hoc EMA and loader, with identical initial weights on every rank."""
+    torch.manual_seed(cfg.seed)
+    model, objective = build_model(cfg, load_init=load_init), build_objective(cfg)
+    ema = make_ema(model)
+    backend = make_backend(cfg, world)
+    backend.setup(DiffusionTrainModule(model, objective), ema)
+    phema = PosthocEMATracker(Path(cfg.run_dir), model, cfg, world) if cfg.phema_stds else None
+    loader = DevicePrefetcher(build_loader(cfg, world.rank, world.size), world.device)
+    return Parts(cfg, world, model, objective, ema, backend, phema, loader,
+                 make_interval_gradient_step(cfg, objective, backend, world), StepTimer(cfg.device),
+                 skipped=torch.zeros((), dtype=torch.long, device=world.device))
+
+
+def train_step(parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], draws: StepDraws) -> StepValues:
+    """One optimizer step on this rank's `batch`: forward and backward (over backend.grad_accum
+    micro-batches, or ANT-Nash / PCGrad's k per-interval gradients combined), the global gradient
+    norm and clipping, the optimizer step (masked on the device for a non-finite step), the EMA
+    and the post-hoc EMA. Nothing here waits for the device."""
+    cfg, backend, timer = parts.cfg, parts.backend, parts.timer
+    x0, y = batch
+    timer.start("forward_backward")
+    if parts.interval_step is not None and parts.interval_step.due(draws.step):
+        outs = [parts.interval_step.run(x0, y, draws, draws.step, timer)]  # k per-interval gradients, combined
+    else:
+        outs = accumulate_gradients(backend, x0, y, draws, cfg.backend.grad_accum)
+    timer.start("optimizer")
+    values = step_values(outs, backend.clip_grad_norm(parts.max_norm), parts.world)
+    # a non-finite step leaves weights and optimizer state as they were; the EMAs still
+    # take the step, with those unchanged weights
+    backend.step(update_allowed(values, parts.skipped, parts.allowed_skips))
+    backend.update_ema(cfg.ema_decay)
+    if parts.phema is not None:
+        parts.phema.update(draws.step + 1)
+    return StepValues(draws.step, values)
+
+
+def timed_steps(parts: Parts, batch: tuple[torch.Tensor, torch.Tensor], first: int,
+                count: int) -> tuple[float, list[StepValues]]:
+    """`count` train_steps from step `first` on one fixed batch, as the benchmarks and the
+    planner's calibration time them: wall seconds (the device synchronised at both ends) and
+    the steps' values."""
+    world, values = parts.world, []
+    synchronize(world.device)
+    began = time.perf_counter()
+    for step in range(first, first + count):
+        draws = draw_step(parts.cfg, parts.objective, step, world.rank, world.size, world.device)
+        values.append(train_step(parts, batch, draws))
+    synchronize(world.device)
+    return time.perf_counter() - began, values
+
+
+def random_batch(cfg: TrainConfig, device: torch.device, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` random latents and labels of the configured shape on `device`, for timing steps."""
+    m, g = cfg.model, torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device, generator=g)
+    return x0, torch.randint(0, m.num_classes, (batch,), device=device, generator=g)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def accumulate_gradients(backend: Backend, x0: torch.Tensor, y: torch.Tensor, draws: StepDraws,
+                         accum: int) -> list[dict[str, torch.Tensor]]:
+    """Forward and backward over `accum` micro-batches of the rank's batch, each loss divided by
+    `accum`, gradients reduced over ranks after the last; the micro-batches' detached outputs."""
+    outs, micro = [], len(y) // accum  # the config makes the batch divide into accum
+    for i in range(accum):
+        rows = slice(i * micro, (i + 1) * micro)  # a slice, not an index tensor: no copy to the device
+        with backend.micro_step(last=i == accum - 1):
+            out = backend.forward(x0[rows], y[rows], draws.t[rows], draws.noise[rows], draws.drop[rows])
+            backend.backward(out["loss"] / accum)
+        outs.append({k: v.detach() for k, v in out.items()})
+    return outs
 
 
 def step_values(outs: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor, world: World) -> torch.Tensor:
@@ -140,7 +255,7 @@ def update_allowed(values: torch.Tensor, skipped: torch.Tensor, allowed: int) ->
     return finite & (skipped <= allowed)
 
 
-def read_pending(pending: list[PendingStep], counters: Counters, cfg: TrainConfig, world: World) -> list[float]:
+def read_pending(pending: list[StepValues], counters: Counters, cfg: TrainConfig, world: World) -> list[float]:
     """The host check: read the pending steps' values (one device sync), count non-finite steps
     and loss spikes, and apply the NaN policy. Returns the last step's values."""
     rows = torch.stack([p.values for p in pending]).tolist()
@@ -197,157 +312,145 @@ def _apply_config_lrs(param_groups: list[dict], cfg: TrainConfig) -> None:
         group["lr"], group["weight_decay"] = values[group["name"]]
 
 
+def checkpoint_manager(parts: Parts, on_commit: Callable[[Path, int], None] | None) -> CheckpointManager:
+    """The run's checkpoints, holding the data position, the counters and the post-hoc EMA, whose
+    snapshots are written before each checkpoint commits (a resume from it finds them)."""
+    cfg, phema = parts.cfg, parts.phema
+    before_commit = None if phema is None else (lambda step: phema.maybe_snapshot(step, at_checkpoint=True))
+    checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint, parts.backend, parts.world, last_step=cfg.steps,
+                                    on_commit=on_commit, before_commit=before_commit)
+    checkpoints.register("data", parts.loader)
+    checkpoints.register("counters", parts.counters)
+    if phema is not None:
+        checkpoints.register("phema", phema.ema, tensors=True)
+    checkpoints.describe_run(world_size=parts.world.size, backend=cfg.backend.name, config=config_to_dict(cfg))
+    return checkpoints
+
+
+def resume(parts: Parts, checkpoints: CheckpointManager) -> int:
+    """Load the latest complete checkpoint, if any: the step to start at."""
+    meta = checkpoints.load_latest()
+    if meta is None:
+        return 0
+    _apply_config_lrs(parts.backend.param_groups, parts.cfg)
+    parts.skipped.fill_(parts.counters.skipped_steps)
+    log.info("resumed at step %d from %s", meta["step"], checkpoints.root)
+    return meta["step"]
+
+
+def announce(parts: Parts, metrics: MetricsLogger) -> None:
+    """Rank 0's opening line, and routing.png: the masks this model routes with."""
+    cfg, model = parts.cfg, parts.model
+    if parts.world.rank != 0:
+        return
+    log.info("training %s (%.2fM params, routing=%s, weighting=%s) on %s x%d for %d steps, global batch %d",
+             cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, cfg.routing.kind,
+             cfg.weighting.kind, cfg.backend.name, parts.world.size, cfg.steps, cfg.global_batch_size)
+    if model.routing is not None:
+        r = cfg.routing
+        metrics.image("routing", write_routing_png(Path(cfg.run_dir) / ROUTING_PNG,
+                                                   model.routing.tables.cpu().numpy(), r.kind, r.beta, r.alpha))
+
+
+def log_record(parts: Parts, step: int, last: list[float], checkpoints: CheckpointManager,
+               cost: Callable[[dict], dict]) -> dict:
+    """The metrics line of log step `step` from the last step's values (read by the host check)."""
+    cfg, counters = parts.cfg, parts.counters
+    record = {
+        "step": step, "loss": last[0], "unweighted_loss": last[1], "mse": last[2], "vb": last[3],
+        "interval_losses": last[4:-1], "grad_norm": last[-1],
+        "lr": parts.backend.param_groups[0]["lr"], "images_seen": counters.images_seen,
+        "skipped_steps": counters.skipped_steps, "loss_spikes": counters.loss_spikes,
+        "checkpoint_blocked_s": checkpoints.blocked_seconds,
+        **cost(parts.timer.summary(cfg.global_batch_size)),
+    }
+    if parts.objective.uw is not None:
+        record["uw_weights"] = full_tensor(parts.objective.uw.weights()).tolist()
+    if parts.interval_step is not None:
+        record.update(parts.interval_step.log_values())
+    if cfg.device == "cuda":
+        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return record
+
+
 def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None,
           on_checkpoint: Callable[[Path, int], None] | None = None) -> TrainResult:
     """Train to cfg.steps, resuming from the latest complete checkpoint in cfg.run_dir.
 
-    `stop_requested` is polled at every step boundary (e.g. set by a preemption
-    signal); once it is true on any rank, all ranks write a checkpoint at the next
-    multiple of STOP_POLL_EVERY steps (at once with one process) and return with
-    status "stopped". `on_checkpoint(directory, step)` is
-    called on rank 0 once a checkpoint is complete (the evaluator's hook, given by
-    whoever runs training).
-    """
+    `stop_requested` is polled at every step boundary (e.g. set by a preemption signal); once it
+    is true on any rank, all ranks write a checkpoint at the next multiple of STOP_POLL_EVERY
+    steps (at once with one process) and return with status "stopped". `on_checkpoint(directory,
+    step)` is called on rank 0 once a checkpoint is complete (the evaluator's hook)."""
     world = World.from_env(cfg.device)
     if world.size != cfg.world_size:
         raise ValueError(f"world_size: the config says {cfg.world_size} processes but WORLD_SIZE={world.size}; "
                          f"set world_size={world.size}")
-    if world.size > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device == "cuda" else "gloo")
-    if cfg.device == "cuda":
-        torch.cuda.set_device(world.local_rank)
+    with process_group(world, cfg.device), held_run_dir(cfg, world):
+        parts = assemble(cfg, world, load_init=not complete_checkpoints(cfg.run_dir))  # a resume loads its own
+        checkpoints = checkpoint_manager(parts, on_checkpoint)
+        step = start = resume(parts, checkpoints)
+        metrics = MetricsLogger(Path(cfg.run_dir), cfg, enabled=world.rank == 0, resume_step=start)
+        announce(parts, metrics)
+        cost, pending, last, stop = throughput_meter(cfg, world), [], None, False
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=True if world.rank != 0 else None,
+                   dynamic_ncols=True)
+        try:
+            while step < cfg.steps:
+                checkpoints.poll()
+                stop = stop or (stop_requested is not None and stop_requested())
+                if stop_agreed(stop, step, world):
+                    last = read_pending(pending, parts.counters, cfg, world) if pending else last
+                    checkpoints.save(step, last=True)
+                    return TrainResult("stopped", step, Path(cfg.run_dir), last and last[0], parts.counters.skipped_steps)
+                parts.timer.start("data")
+                batch = next(parts.loader)
+                pending.append(train_step(parts, batch, draw_step(cfg, parts.objective, step, world.rank, world.size,
+                                                                  world.device)))
+                step += 1
+                parts.counters.images_seen += cfg.global_batch_size
+                parts.timer.stop()
+                bar.update(1)
+                log_step = step % cfg.logging.every == 0 or step == cfg.steps
+                if log_step or snapshot_due(parts.phema, step) or checkpoints.due(step):
+                    # the host reads the values here, before anything is logged or written from them
+                    last = read_pending(pending, parts.counters, cfg, world)
+                    bar.set_postfix(loss=f"{last[0]:.4f}")
+                if log_step:
+                    metrics.write(log_record(parts, step, last, checkpoints, cost))
+                # after the step's metrics line: a resume keeps the lines up to its checkpoint's step,
+                # so a crash right after this commit must find this step's line already written
+                parts.timer.start("checkpoint")  # counted in the next logging interval
+                if not checkpoints.save(step) and parts.phema is not None:
+                    parts.phema.maybe_snapshot(step, at_checkpoint=False)
+            checkpoints.wait()
+        finally:
+            checkpoints.finish()  # after an error too: a save in flight is committed, not left .partial
+            bar.close()
+            metrics.close()
+    return TrainResult("finished", step, Path(cfg.run_dir), last and last[0], parts.counters.skipped_steps)
+
+
+def snapshot_due(phema: PosthocEMATracker | None, step: int) -> bool:
+    """Whether the post-hoc EMA writes a snapshot after `step` on its own schedule (phema_every)."""
+    return phema is not None and phema.every > 0 and step % phema.every == 0
+
+
+@contextlib.contextmanager
+def held_run_dir(cfg: TrainConfig, world: World) -> Iterator[None]:
+    """The run directory, created and locked for this job (until the block ends, or this process
+    dies), with a provenance line for this start on rank 0."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(run_dir, world)  # held until the finally below, or until this process dies
-    if world.rank == 0:
-        write_provenance(run_dir)  # on the machine that trains: commit, packages, hardware, one line per start
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-
-    model = build_model(cfg)
-    objective = build_objective(cfg)
-    module = DiffusionTrainModule(model, objective)
-    ema = make_ema(model)
-    n_params = sum(p.numel() for p in model.parameters())  # before any sharding
-    backend = make_backend(cfg, world)
-    backend.setup(module, ema)
-    interval_step = make_interval_gradient_step(cfg, objective, backend, world)  # ANT-Nash, PCGrad; else None
-    phema = PosthocEMATracker(run_dir, model, cfg, world) if cfg.phema_stds else None
-    loader = DevicePrefetcher(build_loader(cfg, world.rank, world.size), world.device)  # the next batch copied ahead
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint, backend, world, on_commit=on_checkpoint)
-
-    counters = Counters()
-    checkpoints.register("data", loader)
-    checkpoints.register("counters", counters)
-    if phema is not None:
-        checkpoints.register("phema", phema.ema, tensors=True)
-    checkpoints.describe_run(world_size=world.size, backend=cfg.backend.name, config=config_to_dict(cfg))
-    meta = checkpoints.load_latest()
-    start = 0
-    if meta is not None:
-        start = meta["step"]
-        _apply_config_lrs(backend.param_groups, cfg)
-        log.info("resumed at step %d from %s", start, run_dir / "checkpoints")
-
-    def save(step: int, asynchronous: bool | None = None) -> None:
-        if phema is not None:  # before the checkpoint commits: a resume from it finds the snapshot
-            phema.maybe_snapshot(step, at_checkpoint=True)
-        checkpoints.save(step, asynchronous=asynchronous)
-
-    metrics = MetricsLogger(run_dir, cfg, enabled=world.rank == 0, resume_step=start)
-    timer = StepTimer(cfg.device)
-    if world.rank == 0:
-        log.info("training %s (%.2fM params, routing=%s, weighting=%s) on %s x%d for %d steps, global batch %d",
-                 cfg.model.name, n_params / 1e6, cfg.routing.kind, cfg.weighting.kind, cfg.backend.name,
-                 world.size, cfg.steps, cfg.global_batch_size)
-        if model.routing is not None:  # routing.png: the masks this model routes with
-            r = cfg.routing
-            metrics.image("routing", write_routing_png(run_dir / ROUTING_PNG, model.routing.tables.cpu().numpy(),
-                                                       r.kind, r.beta, r.alpha))
-
-    step, loss_value = start, None
-    accum = cfg.backend.grad_accum
-    max_norm = max_grad_norm(cfg)
-    pending: list[PendingStep] = []  # steps whose values the host has not read yet
-    skipped = torch.tensor(counters.skipped_steps, device=world.device)  # non-finite steps, counted on the device
-    allowed_skips = 0 if cfg.health.nan_policy == "stop" else cfg.health.max_skipped_steps
-    stop_flag = False
-    cost = throughput_meter(cfg, world)  # images/s per device and MFU for the log records
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=True if world.rank != 0 else None,
-               dynamic_ncols=True)
+    if cfg.device == "cuda":
+        torch.cuda.set_device(world.local_rank)
+    lock = lock_run_dir(run_dir, world)
     try:
-        while step < cfg.steps:
-            checkpoints.poll()
-            stop_flag = stop_flag or (stop_requested is not None and stop_requested())
-            if stop_agreed(stop_flag, step, world):
-                if pending:
-                    loss_value = read_pending(pending, counters, cfg, world)[0]
-                save(step, asynchronous=False)
-                return TrainResult("stopped", step, run_dir, loss_value, counters.skipped_steps)
-            timer.start("data")
-            x0, y = next(loader)
-            draws = draw_step(cfg, objective, step, world.rank, world.size, world.device)
-            timer.start("forward_backward")
-            if interval_step is not None and interval_step.due(step):
-                outs = [interval_step.run(x0, y, draws, step, timer)]  # k per-interval gradients, combined
-            else:
-                outs, micro = [], len(y) // accum  # the config makes the batch divide into accum
-                for i in range(accum):
-                    rows = slice(i * micro, (i + 1) * micro)  # a slice, not an index tensor: no copy to the device
-                    with backend.micro_step(last=i == accum - 1):
-                        out = backend.forward(x0[rows], y[rows], draws.t[rows], draws.noise[rows], draws.drop[rows])
-                        backend.backward(out["loss"] / accum)
-                    outs.append({k: v.detach() for k, v in out.items()})
-            timer.start("optimizer")
-            values = step_values(outs, backend.clip_grad_norm(max_norm), world)
-            # a non-finite step leaves weights and optimizer state as they were; the EMAs still
-            # take the step, with those unchanged weights
-            backend.step(update_allowed(values, skipped, allowed_skips))
-            backend.update_ema(cfg.ema_decay)
-            if phema is not None:
-                phema.update(step + 1)
-            pending.append(PendingStep(step, values))
-            step += 1
-            counters.images_seen += cfg.global_batch_size
-            timer.stop()
-            bar.update(1)
-            log_step = step % cfg.logging.every == 0 or step == cfg.steps
-            snapshot_due = phema is not None and phema.every > 0 and step % phema.every == 0
-            if log_step or snapshot_due or checkpoints.due(step, last_step=cfg.steps):
-                # the host reads the values here, before anything is logged or written from them
-                last = read_pending(pending, counters, cfg, world)
-                loss_value = last[0]
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            if log_step:
-                record = {
-                    "step": step, "loss": loss_value, "unweighted_loss": last[1], "mse": last[2], "vb": last[3],
-                    "interval_losses": last[4:-1], "grad_norm": last[-1],
-                    "lr": backend.param_groups[0]["lr"], "images_seen": counters.images_seen,
-                    "skipped_steps": counters.skipped_steps, "loss_spikes": counters.loss_spikes,
-                    "checkpoint_blocked_s": checkpoints.blocked_seconds,
-                    **cost(timer.summary(cfg.global_batch_size)),
-                }
-                if objective.uw is not None:
-                    record["uw_weights"] = full_tensor(objective.uw.weights()).tolist()
-                if interval_step is not None:
-                    record.update(interval_step.log_values())
-                if cfg.device == "cuda":
-                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                metrics.write(record)
-            # after the step's metrics line: a resume keeps the lines up to its checkpoint's step,
-            # so a crash right after this commit must find this step's line already written
-            timer.start("checkpoint")  # counted in the next logging interval
-            if checkpoints.due(step, last_step=cfg.steps):
-                save(step, asynchronous=False if step == cfg.steps else None)
-            elif phema is not None:
-                phema.maybe_snapshot(step, at_checkpoint=False)
-        checkpoints.wait()
+        if world.rank == 0:
+            write_provenance(run_dir)  # on the machine that trains: commit, packages, hardware, one line per start
+        yield
     finally:
-        checkpoints.finish()  # after an error too: a save in flight is committed, not left .partial
-        bar.close()
-        metrics.close()
         if lock is not None:
             lock.release()
-    return TrainResult("finished", step, run_dir, loss_value, counters.skipped_steps)
 
 
 def _watch_spike(counters: Counters, loss: float, step: int, cfg: TrainConfig) -> None:

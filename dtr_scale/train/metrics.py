@@ -16,7 +16,7 @@ from dtr_scale.config import TrainConfig
 from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, read_jsonl, rewrite_jsonl
 from dtr_scale.train.progress import progress, progress_text, throughput_text
-from dtr_scale.train.training_plot import TrainingPlotter
+from dtr_scale.train.training_plot import TrainingPlotter, metrics_path
 from dtr_scale.wandb_run import open_wandb_run
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,6 @@ class StepTimer:
         self.marks = self.marks[-1:] if self.marks and self.marks[-1][0] is not None else []  # a phase still open
         self.steps = 0
         return out
-
-
-def metrics_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

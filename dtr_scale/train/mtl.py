@@ -22,11 +22,8 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.tensor import DTensor
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.data.synthetic import step_seed
 from dtr_scale.diffusion.mtl import (
     conflicting_pairs,
     nash_weights,
@@ -36,9 +33,10 @@ from dtr_scale.diffusion.mtl import (
 )
 from dtr_scale.diffusion.objective import TrainingObjective
 from dtr_scale.diffusion.weighting import interval_index
+from dtr_scale.rng import PCGRAD_ORDER_STREAM, step_seed
+from dtr_scale.train.backends import Backend
 from dtr_scale.train.metrics import StepTimer
-
-PCGRAD_ORDER_STREAM = 2  # step_seed(seed, step, stream): 1 draws timesteps and noise, 2 PCGrad's orders
+from dtr_scale.world import World
 
 
 def max_grad_norm(cfg: TrainConfig) -> float:
@@ -47,15 +45,10 @@ def max_grad_norm(cfg: TrainConfig) -> float:
     return min(norm, cfg.weighting.nash_max_grad_norm) if cfg.weighting.kind == "ant_nash" else norm
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a gradient: the shard of an FSDP2 DTensor, else the tensor itself."""
-    return grad.to_local() if isinstance(grad, DTensor) else grad
-
-
 class IntervalGradientStep:
     """The step of `weighting=ant_nash` (on solve steps) and `weighting=pcgrad` (every step)."""
 
-    def __init__(self, cfg: TrainConfig, objective: TrainingObjective, backend, world):
+    def __init__(self, cfg: TrainConfig, objective: TrainingObjective, backend: Backend, world: World):
         self.cfg, self.kind = cfg, cfg.weighting.kind
         self.objective, self.backend, self.world = objective, backend, world
         self.conflicts: int | None = None  # PCGrad: conflicting pairs at the latest step
@@ -69,7 +62,6 @@ class IntervalGradientStep:
         .grad and returns the step's detached outputs in the loop's form."""
         k = self.objective.num_intervals
         interval = interval_index(draws.t, self.objective.boundaries.to(draws.t.device))
-        params = [p for p in self.backend.module.parameters() if p.requires_grad]
         grads: torch.Tensor | None = None
         outs = []
         for i in range(k):
@@ -80,22 +72,17 @@ class IntervalGradientStep:
                 self.backend.backward(out["interval_losses"][i])
             outs.append({name: value.detach() for name, value in out.items()})
             timer.start("mtl")
-            local = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
+            local = self.backend.take_local_grads()
             if grads is None:
-                grads = torch.empty(k, sum(g.numel() for g in local), dtype=torch.float32, device=local[0].device)
+                sizes = [g.numel() for g in local]
+                grads = torch.empty(k, sum(sizes), dtype=torch.float32, device=local[0].device)
             torch.cat([g.reshape(-1).float() for g in local], out=grads[i])
-            for p in params:
-                p.grad = None
         gram = grads @ grads.T
-        if self.world.size > 1 and isinstance(params[0], DTensor):
+        if self.world.size > 1 and self.backend.grads_sharded:
             dist.all_reduce(gram)  # shards partition each gradient: their dot products add up
         weights = self._weights(gram.double().cpu().numpy(), step)
         combined = torch.from_numpy(weights).to(grads) @ grads
-        offset = 0
-        for p in params:
-            n = _local(p).numel()
-            p.grad = _like(p, combined[offset:offset + n].view_as(_local(p)).to(p.dtype))
-            offset += n
+        self.backend.set_local_grads(list(combined.split(sizes)))
         return self._outputs(outs, weights)
 
     def _weights(self, gram: np.ndarray, step: int) -> np.ndarray:
@@ -138,15 +125,7 @@ class IntervalGradientStep:
         return {"pcgrad_conflicting_pairs": self.conflicts}
 
 
-def _like(param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
-    """A gradient for `param` from this rank's part: a DTensor laid out as the parameter under FSDP2."""
-    if isinstance(param, DTensor):
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
-    return local
-
-
-def make_interval_gradient_step(cfg: TrainConfig, objective: TrainingObjective, backend,
-                                world) -> IntervalGradientStep | None:
+def make_interval_gradient_step(cfg: TrainConfig, objective: TrainingObjective, backend: Backend,
+                                world: World) -> IntervalGradientStep | None:
     """The per-interval gradient step for weighting=ant_nash or pcgrad; None for the other weightings."""
     return IntervalGradientStep(cfg, objective, backend, world) if cfg.weighting.kind in ("ant_nash", "pcgrad") else None

@@ -148,12 +148,19 @@ class PowerFunctionEMA:
         if step < 1:
             raise ValueError(f"PowerFunctionEMA.update takes the number of optimizer steps done (>= 1), got {step}")
         current = self.model.state_dict()
+        # one foreach lerp per EMA and kind of tensor, not one per tensor (a step's cost): under
+        # FSDP2 the parameters are DTensor shards and the buffers plain tensors, which foreach
+        # ops do not mix
+        kinds: dict[type, list[str]] = {}
+        for key, value in current.items():
+            if value.is_floating_point():
+                kinds.setdefault(type(value), []).append(key)
         for gamma, ema in zip(self.gammas, self.emas):
-            beta = power_function_beta(step, gamma)
+            weight = 1.0 - power_function_beta(step, gamma)
+            for keys in kinds.values():
+                torch._foreach_lerp_([ema[k] for k in keys], [current[k].to(ema[k].dtype) for k in keys], weight)
             for key, value in current.items():
-                if ema[key].is_floating_point():
-                    ema[key].lerp_(value.detach().to(ema[key].dtype), 1.0 - beta)
-                else:
+                if not value.is_floating_point():
                     ema[key].copy_(value)
 
     def snapshot(self) -> dict[float, StateDict]:

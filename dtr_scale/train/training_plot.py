@@ -60,6 +60,11 @@ def plot_training(metrics_file: str | Path, checkpoint_steps: list[int], out: st
     return draw_panels(training_panels(records, checkpoint_steps), title, out)
 
 
+def metrics_path(run_dir: str | Path) -> Path:
+    """RUN_DIR/metrics.jsonl, the trainer's log records (written by train.metrics, drawn here)."""
+    return Path(run_dir) / "metrics.jsonl"
+
+
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
     """The steps of the checkpoints the run's manifest lists (none while it cannot be read: the
     picture then lacks its marks, and the trainer reports the manifest itself)."""
@@ -138,8 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", help="comma-separated checkpoint steps (default: the run's manifest)")
     args = parser.parse_args(argv)
     if args.metrics is None:
-        from dtr_scale.train.metrics import metrics_path
-
         args.metrics = metrics_path(args.run_dir)
     if args.checkpoints is None:
         steps = checkpoint_steps(args.run_dir)

@@ -12,8 +12,9 @@ MEMBERS = sorted(name for name in vars(Backend) if not name.startswith("_"))
 
 
 def test_the_interface_is_the_small_one_the_loop_uses():
-    assert MEMBERS == ["backward", "clip_grad_norm", "forward", "full_state", "load", "micro_step", "param_groups",
-                       "save", "setup", "skip", "step", "update_ema"]
+    assert MEMBERS == ["backward", "clip_grad_norm", "forward", "full_state", "grads_sharded", "load", "micro_step",
+                       "param_groups", "read_weights", "save", "set_local_grads", "setup", "skip", "step",
+                       "take_local_grads", "update_ema"]
 
 
 @pytest.mark.parametrize("backend", [TorchBackend, DeepSpeedBackend])

@@ -15,7 +15,7 @@ def manager(cfg):
     backend = make_backend(cfg, World())
     model = build_model(cfg)
     backend.setup(DiffusionTrainModule(model, build_objective(cfg)), make_ema(model))
-    return CheckpointManager(cfg.run_dir, cfg.checkpoint, backend, World())
+    return CheckpointManager(cfg.run_dir, cfg.checkpoint, backend, World(), last_step=cfg.steps)
 
 
 def test_registered_states_are_saved_and_loaded_back(tiny_config):
@@ -25,7 +25,7 @@ def test_registered_states_are_saved_and_loaded_back(tiny_config):
     saving.register("data", loader)
     saving.register("probe", probe, tensors=True)
     saving.describe_run(backend="ddp")
-    saving.save(2, asynchronous=False)
+    saving.save(2, last=True)
     saving.finish()
     assert read_meta(latest_checkpoint(cfg.run_dir)) == {"step": 2, "data": {"position": 2 * 16}, "backend": "ddp"}
 
@@ -41,7 +41,7 @@ def test_registered_states_are_saved_and_loaded_back(tiny_config):
 def test_a_checkpoint_without_a_registered_state_is_named(tiny_config):
     cfg = tiny_config()
     saving = manager(cfg)
-    saving.save(1, asynchronous=False)
+    saving.save(1, last=True)
     saving.finish()
     loading = manager(cfg)
     loading.register("data", build_loader(cfg, 0, 1))
@@ -60,6 +60,6 @@ def test_a_name_is_registered_once(tiny_config):
 
 
 def test_a_save_is_due_every_n_steps_and_at_the_last(tiny_config):
-    checkpoints = manager(tiny_config(**{"checkpoint.every": 10}))
-    assert [s for s in range(1, 26) if checkpoints.due(s, last_step=25)] == [10, 20, 25]
+    checkpoints = manager(tiny_config(steps=25, **{"checkpoint.every": 10}))
+    assert [s for s in range(1, 26) if checkpoints.due(s)] == [10, 20, 25]
     checkpoints.finish()

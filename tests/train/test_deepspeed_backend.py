@@ -209,15 +209,14 @@ def run_job(base: dict, job: dict, world: World) -> dict | None:
 
 
 def worker(spec_path: str) -> None:
-    import torch.distributed as dist
+    from dtr_scale.world import process_group
 
     spec = json.loads(Path(spec_path).read_text())
     world = World.from_env()
-    dist.init_process_group("gloo")
-    results = {job["name"]: run_job(spec["config"], job, world) for job in spec["jobs"]}
-    if world.rank == 0:
-        torch.save(results, spec["out"])
-    dist.destroy_process_group()
+    with process_group(world, "cpu", alone=True):  # DeepSpeed wants a group, also on one process
+        results = {job["name"]: run_job(spec["config"], job, world) for job in spec["jobs"]}
+        if world.rank == 0:
+            torch.save(results, spec["out"])
 
 
 def launch(tmp_path: Path, name: str, nproc: int, config: dict, jobs: list[dict]) -> dict:

@@ -24,17 +24,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from dtr_scale.eval.sample import load_model
 from dtr_scale.io import atomic_write_json, read_json
-from dtr_scale.train.checkpoint import (
-    DCP_METADATA,
-    MANIFEST,
-    CheckpointError,
-    SafeLoadPlanner,
-    UnsafeCheckpointError,
-    digest_files,
-    latest_checkpoint,
-    read_dcp_metadata,
-)
+from dtr_scale.train.checkpoint import MANIFEST, CheckpointError, digest_files, latest_checkpoint
 from dtr_scale.train.loop import train
+from dtr_scale.train.safe_dcp import DCP_METADATA, SafeLoadPlanner, UnsafeCheckpointError, read_dcp_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 

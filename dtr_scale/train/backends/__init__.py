@@ -64,6 +64,26 @@ class Backend(Protocol):
     def full_state(self, which: str) -> dict[str, torch.Tensor] | None:
         """Unsharded "ema" or "model" weights on rank 0 (collective), None on the others."""
 
+    @property
+    def grads_sharded(self) -> bool:
+        """Whether each rank holds only a shard of every gradient (FSDP2), so sums over a gradient's
+        elements need an all-reduce; with DDP every rank holds the whole, averaged gradient."""
+
+    def take_local_grads(self) -> list[torch.Tensor]:
+        """This rank's part of each trainable parameter's gradient (the shard under FSDP2, zeros
+        where a parameter has none), in a fixed order; the parameters' gradients are dropped."""
+
+    def set_local_grads(self, grads: list[torch.Tensor]) -> None:
+        """Make `grads` (this rank's parts, in take_local_grads' order) the parameters' gradients."""
+
+    @staticmethod
+    def read_weights(path: Path, which: str) -> dict[str, torch.Tensor]:
+        """The whole weights `which` ("ema" or "raw") of a checkpoint this backend wrote at `path`,
+        on the CPU under the official DiT names, without the backend set up or a process group."""
+
+
+WEIGHTS = ("ema", "raw")  # the trainer's per-step EMA; the optimizer's weights
+
 
 def make_backend(cfg: TrainConfig, world: World) -> Backend:
     if cfg.backend.name == "deepspeed":
@@ -73,3 +93,16 @@ def make_backend(cfg: TrainConfig, world: World) -> Backend:
     from dtr_scale.train.backends.torch_dist import TorchBackend
 
     return TorchBackend(cfg, world)
+
+
+def read_weights(path: str | Path, which: str) -> dict[str, torch.Tensor]:
+    """The whole model weights `which` ("ema" or "raw") of checkpoint `path`, on the CPU, under the
+    official DiT names, read by the backend that wrote it. Reads only those tensors: the optimizer
+    and the other copy stay on disk. The caller checks the checkpoint first (open_checkpoint)."""
+    from dtr_scale.train.backends.deepspeed import DeepSpeedBackend
+    from dtr_scale.train.backends.torch_dist import TorchBackend
+
+    if which not in WEIGHTS:
+        raise ValueError(f"weights {which!r} are not one of {', '.join(WEIGHTS)}")
+    reader = DeepSpeedBackend if DeepSpeedBackend.wrote(Path(path)) else TorchBackend
+    return reader.read_weights(Path(path), which)

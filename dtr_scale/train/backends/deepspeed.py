@@ -54,6 +54,7 @@ import math
 import os
 import pickle
 import shutil
+import threading
 from argparse import Namespace
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -66,11 +67,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dtr_scale.config import ConfigError, TrainConfig
 from dtr_scale.extras import import_extra
-from dtr_scale.train.checkpoint import EMA_EXPORT
 from dtr_scale.train.components import build_optimizer
+from dtr_scale.train.manifest import CheckpointError
 from dtr_scale.train.ema import update_ema
 from dtr_scale.train.speed import apply_speed_switches
-from dtr_scale.world import World
+from dtr_scale.world import World, join_process_group
 
 if TYPE_CHECKING:
     from dtr_scale.train.components import DiffusionTrainModule
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TAG = "zero"  # the engine's checkpoint tag: its shards live in path/zero/
+EMA_EXPORT = "ema.safetensors"  # the EMA in official DiT names: what the evaluator reads without DeepSpeed
 UNIVERSAL = "universal"
 EXTRA_FILE = "extra_state.pt"
 META_FILE = "deepspeed.json"
@@ -122,6 +124,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return merged
 
 
+_NO_INTERVAL_GRADIENTS = ("ZeRO keeps the gradients inside its optimizer, so weighting=ant_nash and pcgrad (the k "
+                          "per-interval gradients) run on backend=ddp or backend=fsdp (the config refuses this pairing)")
+
+
 class DeepSpeedBackend:
     def __init__(self, cfg: TrainConfig, world: World):
         self.cfg = cfg
@@ -136,8 +142,10 @@ class DeepSpeedBackend:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.cfg.device == "cuda" else "cpu")
         deepspeed = import_extra("deepspeed")
 
-        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if not dist.is_initialized():
+            # one process: DeepSpeed still wants a group, and keeps using the first one it adopted, so
+            # it stays for the life of the process (a later run in this process finds it)
+            join_process_group(self.world, self.cfg.device)
         deepspeed.init_distributed(dist_backend="nccl" if self.cfg.device == "cuda" else "gloo")  # adopts the group
         apply_speed_switches(module.model, self.cfg.backend)
         optimizer = build_optimizer(module.model, module.objective, self.cfg)
@@ -193,6 +201,16 @@ class DeepSpeedBackend:
             safe_set_full_grad(first, torch.full(_full_shape(first), math.nan, device=self.engine.device))
         self.engine.step()
         self._grad_norm = None
+
+    @property
+    def grads_sharded(self) -> bool:
+        return self.stage >= 2
+
+    def take_local_grads(self) -> list[torch.Tensor]:
+        raise NotImplementedError(_NO_INTERVAL_GRADIENTS)
+
+    def set_local_grads(self, grads: list[torch.Tensor]) -> None:
+        raise NotImplementedError(_NO_INTERVAL_GRADIENTS)
 
     def update_ema(self, decay: float) -> None:
         with self._gathered(self.module.model):
@@ -261,13 +279,9 @@ class DeepSpeedBackend:
             dist.barrier()
             log.info("resuming a ZeRO-%d checkpoint of %d rank(s) on ZeRO-%d x %d through its universal form %s",
                      meta["zero_stage"], meta["world_size"], self.stage, self.world.size, load_dir)
-        # DeepSpeed reads this flag from the JSON; whether a load is universal is only known here
-        self.engine._config.load_universal_checkpoint = universal
-        try:
+        with universal_load(self.engine, universal):
             loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=meta["tag"], load_module_strict=True,
                                                     load_lr_scheduler_states=False)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
         if loaded is None:
             raise DeepSpeedCheckpointError(f"DeepSpeed found no checkpoint under {load_dir / meta['tag']}")
         # a universal load gives every group the first group's hyperparameters (and name), and under
@@ -285,6 +299,21 @@ class DeepSpeedBackend:
                                                f"the run that wrote it did not track it")
             obj.load_state_dict(saved[name])
 
+    @staticmethod
+    def wrote(path: Path) -> bool:
+        """Whether checkpoint directory `path` was written by this backend."""
+        return (path / META_FILE).exists()
+
+    @staticmethod
+    def read_weights(path: Path, which: str) -> dict[str, torch.Tensor]:
+        """The EMA from its safetensors export; the raw weights live only in ZeRO's shards."""
+        if which != "ema":
+            raise CheckpointError(f"could not read the model weights of {path}: a DeepSpeed checkpoint holds them "
+                                  f"only in ZeRO's shards; evaluate its EMA ({EMA_EXPORT}) instead")
+        from safetensors.torch import load_file
+
+        return load_file(str(path / EMA_EXPORT))
+
 
 def deepspeed_checkpoint_classes() -> list[type]:
     """The only classes a DeepSpeed checkpoint of this project pickles besides plain data and tensors."""
@@ -296,29 +325,67 @@ def deepspeed_checkpoint_classes() -> list[type]:
 
 
 @contextlib.contextmanager
+def universal_load(engine: Any, universal: bool) -> Iterator[None]:
+    """Whether `engine` loads a universal checkpoint, for one load: DeepSpeed asks its
+    load_universal_checkpoint() (the JSON's checkpoint.load_universal, fixed at initialize), and
+    whether a load is universal is only known when the checkpoint is chosen. Shadowed on this
+    engine alone, and removed again."""
+    engine.load_universal_checkpoint = lambda: universal
+    try:
+        yield
+    finally:
+        del engine.load_universal_checkpoint
+
+
+_safe_loads = threading.local()  # .depth: how many deepspeed_files_read_safely scopes this thread is in
+_switch = threading.Lock()
+_switched = {"scopes": 0, "real": None}  # scopes open in all threads; torch.load as it was before the first
+
+
+def _load_weights_only(f: Any, *args: Any, **kwargs: Any) -> Any:
+    kwargs["weights_only"] = True
+    try:
+        return _switched["real"](f, *args, **kwargs)
+    except pickle.UnpicklingError as err:
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        raise DeepSpeedCheckpointError(
+            f"refusing to load {f}: it holds objects that a DeepSpeed checkpoint written by dtr-scale never "
+            f"does ({found or 'not plain data'}), so loading it could run code; delete this checkpoint to "
+            f"resume from the one before") from None
+
+
+def _torch_load(f: Any, *args: Any, **kwargs: Any) -> Any:
+    """torch.load while a scope is open somewhere: weights-only in a thread inside a scope, and
+    exactly torch.load in every other thread."""
+    if getattr(_safe_loads, "depth", 0):
+        return _load_weights_only(f, *args, **kwargs)
+    return _switched["real"](f, *args, **kwargs)
+
+
+@contextlib.contextmanager
 def deepspeed_files_read_safely() -> Iterator[None]:
     """DeepSpeed reads its shard files with torch.load(weights_only=False), which runs whatever a
-    crafted file holds. Inside this context every torch.load is weights_only=True, with DeepSpeed's
-    own checkpoint classes allowed, and a file that needs anything else is refused by name."""
-    real_load = torch.load
-
-    def load_weights_only(f, *args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        try:
-            return real_load(f, *args, **kwargs)
-        except pickle.UnpicklingError as err:
-            found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
-            raise DeepSpeedCheckpointError(
-                f"refusing to load {f}: it holds objects that a DeepSpeed checkpoint written by dtr-scale never "
-                f"does ({found or 'not plain data'}), so loading it could run code; delete this checkpoint to "
-                f"resume from the one before") from None
-
-    with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
-        torch.load = load_weights_only
-        try:
+    crafted file holds, and offers no hook for its universal-checkpoint reads. Inside this
+    context, in this thread, every torch.load is weights_only=True with DeepSpeed's own
+    checkpoint classes allowed, and a file that needs anything else is refused by name. Other
+    threads' torch.load calls behave as before; the original torch.load is back once the last
+    scope closes. (torch keeps one allow-list: while a scope is open, other threads' weights-only
+    loads also accept DeepSpeed's few plain checkpoint classes.)"""
+    with _switch:
+        if _switched["scopes"] == 0:
+            _switched["real"] = torch.load
+            torch.load = _torch_load
+        _switched["scopes"] += 1
+    _safe_loads.depth = getattr(_safe_loads, "depth", 0) + 1
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
             yield
-        finally:
-            torch.load = real_load
+    finally:
+        _safe_loads.depth -= 1
+        with _switch:
+            _switched["scopes"] -= 1
+            if _switched["scopes"] == 0:
+                torch.load = _switched["real"]
 
 
 def load_extra_state(path: Path) -> dict[str, Any]:

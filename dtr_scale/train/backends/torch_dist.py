@@ -8,6 +8,7 @@ number of ranks (DCP reshards on load).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -25,13 +26,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.train.checkpoint import dcp_load
 from dtr_scale.train.components import build_optimizer
+from dtr_scale.train.safe_dcp import dcp_load, read_dcp_tensors
 from dtr_scale.train.ema import update_ema
 from dtr_scale.train.speed import apply_speed_switches, autocast
 from dtr_scale.world import World, full_tensor
+
+
+# where _state puts the model weights: DCP flattens nested keys with "."
+DCP_PREFIX = {"ema": "ema.", "raw": "module.model."}
 
 
 class TorchBackend:
@@ -92,7 +98,10 @@ class TorchBackend:
         loss.backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, foreach=True)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if math.isfinite(max_norm):  # an infinite max_norm scales by exactly 1: skip the pass over the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         return full_tensor(norm)
 
     def step(self, apply: torch.Tensor | None = None) -> None:
@@ -108,13 +117,31 @@ class TorchBackend:
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def grads_sharded(self) -> bool:
+        return isinstance(next(self._trainable()), DTensor)
+
+    def take_local_grads(self) -> list[torch.Tensor]:
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self._trainable()]
+        for p in self._trainable():
+            p.grad = None
+        return grads
+
+    def set_local_grads(self, grads: list[torch.Tensor]) -> None:
+        for p, grad in zip(self._trainable(), grads, strict=True):
+            p.grad = _like(p, grad.view_as(_local(p)).to(p.dtype))
+
+    def _trainable(self):
+        return (p for p in self.module.parameters() if p.requires_grad)
+
     def update_ema(self, decay: float) -> None:
         update_ema(self.ema, self.module.model, decay)
 
     # state -------------------------------------------------------------------
 
     def _state(self, extra: Mapping[str, Stateful]) -> dict:
-        """DCP's keys: "module" (model.* and objective.*), "optim", "ema", then each extra object's name."""
+        """DCP's keys: "module" (model.* and objective.*), "optim", "ema", then each extra object's name
+        (DCP_PREFIX says where the weights are)."""
         module_state, optim_state = get_state_dict(self.module, self.optimizer)
         return {"module": module_state, "optim": optim_state, "ema": get_model_state_dict(self.ema), **extra}
 
@@ -138,3 +165,20 @@ class TorchBackend:
         state = get_model_state_dict(source, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.world.rank == 0 else None
 
+
+    @staticmethod
+    def read_weights(path: Path, which: str) -> dict[str, torch.Tensor]:
+        return read_dcp_tensors(path, DCP_PREFIX[which], "EMA weights" if which == "ema" else "model weights")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the shard of an FSDP2 DTensor, else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(param: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
+    """A gradient for `param` from this rank's part: a DTensor laid out as the parameter under FSDP2."""
+    if isinstance(param, DTensor):
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
+    return local
