@@ -49,10 +49,13 @@ class SampleFolderError(RuntimeError):
 
 
 def class_labels(spec: SampleSpec, indices: np.ndarray) -> np.ndarray:
-    """The label of each sample index: balanced i % K, or entry i of one seeded draw for all N
-    (DiT's sample_ddp draws random labels), so a label never depends on the split."""
+    """The label of each sample index: balanced i % K, classes[i % len(classes)], or entry i of
+    one seeded draw for all N (DiT's sample_ddp draws random labels), so a label never depends
+    on the split."""
     if spec.labels == "balanced":
         return (np.asarray(indices) % spec.num_classes).astype(np.int64)
+    if spec.labels == "classes":
+        return np.asarray(spec.classes, dtype=np.int64)[np.asarray(indices) % len(spec.classes)]
     generator = torch.Generator().manual_seed(step_seed(spec.seed, RANDOM_LABELS_STREAM))
     return torch.randint(spec.num_classes, (spec.num_samples,), generator=generator).numpy()[indices]
 

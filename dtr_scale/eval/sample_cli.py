@@ -1,44 +1,56 @@
-"""`dtr-scale sample`: images from any DiT weights, as a PNG grid and an ADM `.npz`.
+"""`dtr-scale sample`: images from any DiT weights, through the evaluator's generation path
+(per-index seeds, chunks resumed after an interruption, any number of processes), as a PNG
+grid, an ADM `.npz` and DiT's sample_ddp.py layout.
 
     dtr-scale sample weights=DiT-XL-2-256x256.pt model=dit_xl2 autoencoder=sd-vae-ft-ema \
         classes=[207,360,387,974] num_samples=8 cfg_scale=4.0 steps=250 out=samples/xl2
     dtr-scale sample weights=runs/my_run classes=balanced num_samples=40       # a run: its latest EMA
     dtr-scale sample weights=tiny.pt model=tiny autoencoder=pixel classes=random sampler=ddim steps=50
+    dtr-scale sample weights=runs/my_run classes=random num_samples=50000 world_size=8 device=cuda
 
 Own keys (the rest are the training config's overrides, group=option or key=value, which
 name the model a weights file holds; a checkpoint brings its own config):
     weights       a .pt / .safetensors file (official DiT names), a checkpoint dir or a run dir  (required)
     classes       a list [1,2,...] (cycled over the samples), balanced (i % classes) or random  [balanced]
+                  (random: one seeded draw for all samples, as the evaluator and DiT's sample_ddp)
     num_samples   how many images                                                             [16]
     cfg_scale, sampler (ddpm|ddim), steps     default: the config's diffusion settings
     seed          sample i draws its noise from (seed, i), as the evaluator does              [0]
     autoencoder   pixel, sd-vae-ft-ema, ... (default: the one the config's shards were encoded with)
-    out           output folder: grid.png (nearest-neighbour enlarged) and samples.npz (arr_0, arr_1) [samples]
-    device        cpu | cuda                                                                  [cpu]
+    out           output folder                                                               [samples]
+    device        cpu | cuda (process r of world_size uses GPU r)                             [cpu]
+    world_size    sampling processes started here; under torchrun / srun (RANK, WORLD_SIZE set)
+                  each launched process is one of them                                        [1]
+    batch_size    samples per chunk (a chunk is sampled, decoded and written as one file)     [64]
+
+What lands in OUT: samples.npz (ADM: arr_0 uint8 [N, H, W, 3], arr_1 labels), grid.png, and
+samples/000000.png ... (DiT's sample_ddp.py: the PNG folder, with samples.npz its .npz). Run
+the same command again after an interruption: the chunks on disk are kept, the rest sampled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from dtr_scale.config import ConfigError, TrainConfig, to_train_config
-from dtr_scale.diffusion.sampling import sample_latents
-from dtr_scale.eval.generate import GRID_PNG, SAMPLES_NPZ, indexed_noise, write_npz_atomic
+from dtr_scale.eval.generate import SAMPLES_NPZ, distributed_position, generate_samples, load_samples
 from dtr_scale.eval.released import model_from_weights, weights_decoder
+from dtr_scale.eval.settings import SampleSpec
 from dtr_scale.train.components import build_diffusion
 
 log = logging.getLogger("dtr_scale")
 SAMPLE_KEYS = {"weights": None, "classes": "balanced", "num_samples": 16, "cfg_scale": None, "sampler": None,
-               "steps": None, "seed": 0, "autoencoder": None, "out": "samples", "device": "cpu", "batch_size": 64}
-GRID_COLUMNS = 8
+               "steps": None, "seed": 0, "autoencoder": None, "out": "samples", "device": "cpu", "batch_size": 64,
+               "world_size": 1}
+PNG_FOLDER = "samples"  # DiT's sample_ddp.py: FOLDER/000000.png ... beside FOLDER.npz
 
 
 def split_arguments(args: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -64,16 +76,14 @@ def compose_config(overrides: list[str], out: str) -> TrainConfig:
     return to_train_config(raw)
 
 
-def sample_labels(classes: Any, num_samples: int, num_classes: int, seed: int) -> np.ndarray:
-    """Labels of the samples: a list cycled, balanced i % K, or a seeded uniform draw."""
-    if classes == "balanced":
-        return np.arange(num_samples) % num_classes
-    if classes == "random":
-        return torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed)).numpy()
-    chosen = np.asarray(classes if isinstance(classes, list) else [classes], dtype=np.int64)
-    if chosen.size == 0 or chosen.min() < 0 or chosen.max() >= num_classes:
+def labels_of(classes: Any, num_classes: int) -> tuple[str, tuple[int, ...]]:
+    """SampleSpec's (labels, classes) for the command's `classes` setting."""
+    if classes in ("balanced", "random"):
+        return classes, ()
+    chosen = [int(c) for c in (classes if isinstance(classes, list) else [classes])]
+    if not chosen or min(chosen) < 0 or max(chosen) >= num_classes:
         raise ConfigError(f"classes={classes}: give class indices in [0, {num_classes}), balanced or random")
-    return np.resize(chosen, num_samples)
+    return "classes", tuple(chosen)
 
 
 def with_sampler(cfg: TrainConfig, options: dict[str, Any]) -> TrainConfig:
@@ -83,36 +93,55 @@ def with_sampler(cfg: TrainConfig, options: dict[str, Any]) -> TrainConfig:
         cfg.diffusion, **{k: v for k, v in chosen.items() if v is not None}))
 
 
+def sample_spec(options: dict[str, Any], model_cfg: TrainConfig, cfg: TrainConfig) -> SampleSpec:
+    """What to draw: the model's classes and latent shape, the command's counts and cfg's sampler."""
+    m, d = model_cfg.model, cfg.diffusion
+    labels, classes = labels_of(options["classes"], m.num_classes)
+    return SampleSpec(weights=str(options["weights"]), num_samples=int(options["num_samples"]),
+                      chunk_size=int(options["batch_size"]), num_classes=m.num_classes,
+                      latent_shape=(m.in_channels, m.input_size, m.input_size), labels=labels, classes=classes,
+                      seed=int(options["seed"]), sampler=d.sampler, sampling_steps=d.sampling_steps,
+                      cfg_scale=d.cfg_scale, guided_channels=d.guided_channels, ddim_eta=d.ddim_eta)
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
+
+
 @torch.no_grad()
-def draw_samples(model: torch.nn.Module, model_cfg: TrainConfig, cfg: TrainConfig, labels: np.ndarray, *,
-                 seed: int = 0, autoencoder: str | None = None, device: str = "cpu",
-                 batch_size: int = 64) -> np.ndarray:
-    """uint8 images [N, H, W, 3] for `labels` from `model` (built from model_cfg) with cfg's
-    sampler; sample i's noise comes from (seed, i), as in the evaluator's samples."""
+def sample_rank(rank: int, world_size: int, options: dict[str, Any], overrides: list[str]) -> Path | None:
+    """This process's share of the chunks (rank, rank + world_size, ...) into OUT; rank 0 then
+    waits for the others' and merges them (OUT/samples.npz, OUT/grid.png), whose path it returns."""
+    cfg = with_sampler(compose_config(overrides, str(options["out"])), options)
+    model, model_cfg = model_from_weights(options["weights"], cfg)
+    device = rank_device(str(options["device"]), rank)
     d = cfg.diffusion
     diffusion = build_diffusion(model_cfg).respaced(d.sampling_steps, d.sampler)
-    decode = weights_decoder(model_cfg, torch.device(device), autoencoder)
-    m, model = model_cfg.model, model.to(device)
-    batches = []
-    for start in range(0, len(labels), batch_size):
-        indices = np.arange(start, min(start + batch_size, len(labels)))
-        latents = sample_latents(model, diffusion, torch.from_numpy(labels[indices]).to(device),
-                                 shape=(m.in_channels, m.input_size, m.input_size), cfg_scale=d.cfg_scale,
-                                 guided_channels=d.guided_channels, sampler=d.sampler, eta=d.ddim_eta,
-                                 noise=indexed_noise(seed, indices))
-        batches.append(decode(latents).cpu().numpy())
-    return np.concatenate(batches)
+    return generate_samples(model, diffusion, sample_spec(options, model_cfg, cfg), options["out"],
+                            weights_decoder(model_cfg, device, options["autoencoder"]), rank=rank,
+                            world_size=world_size, device=device, progress=rank == 0)
 
 
-def write_samples(out: str | Path, images: np.ndarray, labels: np.ndarray) -> tuple[Path, Path]:
-    """OUT/grid.png (captioned by class, enlarged so small images are readable) and OUT/samples.npz."""
-    from dtr_scale.eval.grids import labelled_grid, save_png
+def _spawned(rank: int, world_size: int, options: dict[str, Any], overrides: list[str]) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))  # processes share the CPU
+    sample_rank(rank, world_size, options, overrides)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid, _ = labelled_grid(images, labels, list(range(len(images))), min(GRID_COLUMNS, len(images)))
-    write_npz_atomic(out / SAMPLES_NPZ, arr_0=images, arr_1=labels)
-    return save_png(grid, out / GRID_PNG), out / SAMPLES_NPZ
+
+def write_png_folder(npz: str | Path, folder: str | Path) -> Path:
+    """DiT's sample_ddp.py layout: FOLDER/{i:06d}.png for sample i of the ADM npz; images already
+    there are kept (a rerun after an interruption writes the rest)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = load_samples(npz)
+    for i, image in enumerate(images):
+        path = folder / f"{i:06d}.png"
+        if not path.exists():
+            partial = path.with_name(f".{path.name}.partial")
+            Image.fromarray(image).save(partial, format="PNG")
+            partial.replace(path)  # a reader never sees half an image under the real name
+    return folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,18 +152,30 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         options, overrides = split_arguments(args)
-        cfg = with_sampler(compose_config(overrides, str(options["out"])), options)
-        model, model_cfg = model_from_weights(options["weights"], cfg)
-        labels = sample_labels(options["classes"], int(options["num_samples"]), model_cfg.model.num_classes,
-                               int(options["seed"]))
-        images = draw_samples(model, model_cfg, cfg, labels, seed=int(options["seed"]),
-                              autoencoder=options["autoencoder"], device=str(options["device"]),
-                              batch_size=int(options["batch_size"]))
+        world_size = int(options["world_size"])
+        if world_size < 1:
+            raise ConfigError(f"world_size={world_size}: sample with 1 or more processes")
+        launched = "WORLD_SIZE" in os.environ  # torchrun / srun started every process: this is one of them
+        if launched:
+            npz = sample_rank(*distributed_position(), options, overrides)
+        elif world_size == 1:
+            npz = sample_rank(0, 1, options, overrides)
+        else:
+            compose_config(overrides, str(options["out"]))  # a bad override fails here, not in every process
+            torch.multiprocessing.start_processes(_spawned, args=(world_size, options, overrides),
+                                                  nprocs=world_size, start_method="spawn")
+            npz = Path(options["out"]) / SAMPLES_NPZ
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"dtr-scale sample: {err}", file=sys.stderr)
         sys.exit(2)
-    grid, npz = write_samples(options["out"], images, labels)
-    print(f"{len(images)} samples: {grid} and {npz}")
+    except torch.multiprocessing.ProcessRaisedException as err:
+        print(f"dtr-scale sample: a sampling process failed (the chunks written are kept; run the same command "
+              f"again to finish):\n{err}", file=sys.stderr)
+        sys.exit(1)
+    if npz is None:  # a launched rank other than 0: rank 0 merges and reports
+        return
+    folder = write_png_folder(npz, Path(options["out"]) / PNG_FOLDER)
+    print(f"{len(load_samples(npz)[1])} samples: {npz}, {npz.with_name('grid.png')} and {folder}/")
 
 
 if __name__ == "__main__":

@@ -61,13 +61,14 @@ class SampleSpec:
     chunk_size: int
     num_classes: int
     latent_shape: tuple[int, int, int]
-    labels: str = "balanced"  # balanced | random
+    labels: str = "balanced"  # balanced | random | classes (the list `classes`, cycled)
     seed: int = 0
     sampler: str = "ddpm"
     sampling_steps: int = 250
     cfg_scale: float = 1.5
     guided_channels: str = "all"
     ddim_eta: float = 0.0
+    classes: tuple[int, ...] = ()
 
     @property
     def num_chunks(self) -> int:
@@ -77,7 +78,10 @@ class SampleSpec:
         return np.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.num_samples))
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+        data = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+        if not self.classes:  # folders written before `classes` existed still match their spec
+            del data["classes"]
+        return data
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dtr_scale.eval.generate import indexed_noise
-from dtr_scale.eval.sample_cli import compose_config, sample_labels
+from dtr_scale.config import ConfigError
+from dtr_scale.eval.generate import class_labels, generate_chunks, indexed_noise
+from dtr_scale.eval.released import model_from_weights
+from dtr_scale.eval.sample_cli import compose_config, labels_of, main, sample_spec, split_arguments, with_sampler
+from dtr_scale.eval.settings import SampleSpec
 from dtr_scale.models.weights import load_dit_weights
 from dtr_scale.train.components import build_diffusion, build_model
 
@@ -60,10 +63,54 @@ def test_sample_command_without_weights_says_what_to_pass(tmp_path):
     assert done.returncode == 2 and "weights=" in done.stderr
 
 
-def test_balanced_and_random_labels():
-    assert sample_labels("balanced", 5, 3, seed=0).tolist() == [0, 1, 2, 0, 1]
-    drawn = sample_labels("random", 200, 10, seed=1)
-    assert set(drawn.tolist()) == set(range(10)) and np.array_equal(drawn, sample_labels("random", 200, 10, seed=1))
+def test_the_classes_setting_names_the_evaluators_labels():
+    assert labels_of("balanced", 10) == ("balanced", ()) and labels_of("random", 10) == ("random", ())
+    assert labels_of([3, 7], 10) == ("classes", (3, 7)) and labels_of(4, 10) == ("classes", (4,))
+    with pytest.raises(ConfigError, match=r"classes=\[3, 10\]: give class indices in \[0, 10\)"):
+        labels_of([3, 10], 10)
+    spec = SampleSpec(weights="w", num_samples=5, chunk_size=2, num_classes=10, latent_shape=(4, 8, 8),
+                      labels="classes", classes=(3, 7))
+    assert class_labels(spec, np.arange(5)).tolist() == [3, 7, 3, 7, 3]
+    assert "classes" not in SampleSpec(**{**spec.__dict__, "labels": "balanced", "classes": ()}).to_json()
+
+
+def test_sampling_on_two_processes_gives_the_one_process_images_and_dits_layout(tmp_path, official_pt):
+    # the evaluator's path: per-index seeds, so the split over processes changes nothing
+    common = [f"weights={official_pt}", "model=tiny", "routing=none", "classes=random", "num_samples=10",
+              "batch_size=3", "sampler=ddim", "steps=3", "seed=2", "autoencoder=pixel"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, world_size in ((one, 1), (two, 2)):
+        done = subprocess.run([DTR_SCALE, "sample", *common, f"world_size={world_size}", f"out={out}"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    with np.load(one / "samples.npz") as a, np.load(two / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        images, labels = b["arr_0"], b["arr_1"]
+    spec = SampleSpec(weights=str(official_pt), num_samples=10, chunk_size=3, num_classes=10, latent_shape=(4, 8, 8),
+                      labels="random", seed=2)
+    assert labels.tolist() == class_labels(spec, np.arange(10)).tolist()  # the evaluator's random labels
+    np.testing.assert_array_equal(images, expected_images(official_pt, labels.tolist(), steps=3, cfg_scale=1.5, seed=2))
+    # DiT's sample_ddp.py: FOLDER/000000.png ... and FOLDER.npz, as its create_npz_from_sample_folder reads them
+    pngs = sorted(p.name for p in (two / "samples").iterdir())
+    assert pngs == [f"{i:06d}.png" for i in range(10)]
+    from_folder = np.stack([np.asarray(Image.open(two / "samples" / name)).astype(np.uint8) for name in pngs])
+    np.testing.assert_array_equal(from_folder, images)
+    assert not list(two.glob("chunk-*.npz"))  # merged
+
+
+def test_an_interrupted_sampling_resumes_from_its_chunks(tmp_path, official_pt):
+    args = [f"weights={official_pt}", "model=tiny", "routing=none", "classes=balanced", "num_samples=6",
+            "batch_size=3", "sampler=ddim", "steps=2", "autoencoder=pixel", f"out={tmp_path}"]
+    options, overrides = split_arguments(args)
+    cfg = with_sampler(compose_config(overrides, str(tmp_path)), options)
+    model, model_cfg = model_from_weights(official_pt, cfg)
+    spec = sample_spec(options, model_cfg, cfg)
+    generate_chunks(model, build_diffusion(model_cfg).respaced(2, "ddim"), spec, tmp_path,
+                    lambda latents: torch.zeros(len(latents), 16, 16, 3, dtype=torch.uint8), max_chunks=1)
+    main(args)  # chunk 0 (all black here, so it shows) is kept; chunk 1 is sampled now
+    with np.load(tmp_path / "samples.npz") as npz:
+        assert not npz["arr_0"][:3].any() and npz["arr_0"][3:].any()
 
 
 def test_sample_is_listed_and_has_help():
