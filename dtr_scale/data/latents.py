@@ -36,8 +36,8 @@ def draw_noise_and_flips(seed: int, epoch: int, positions: np.ndarray,
     return eps, flips
 
 
-def sample_latents(moments: np.ndarray, flips: np.ndarray, eps: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    """Model-ready latents float32 [B, C, h, w] from stored moments [B, 2, 2C, h, w] (image|flip, mean|std)."""
-    chosen = torch.from_numpy(moments[np.arange(len(flips)), flips.astype(np.int64)]).float()
-    mean, std = chosen.chunk(2, dim=1)
+def sample_latents(views: np.ndarray, eps: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """Model-ready latents float32 [B, C, h, w] from the stored moments of each sample's chosen view (image or
+    flip) [B, 2C, h, w] (posterior mean | std)."""
+    mean, std = torch.from_numpy(views).float().chunk(2, dim=1)
     return torch.addcmul(mean, std, eps).mul_(scale_factor)

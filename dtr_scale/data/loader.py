@@ -42,13 +42,16 @@ def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest
                hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents float32 [B, C, h, w], labels int64 [B]) for the samples at these positions in this epoch;
     with hflip=False always from the image itself (the noise draws stay the same)."""
-    rows = [reader.read(p) for p in positions.tolist()]
-    moments = np.stack([m for m, _ in rows])
-    labels = torch.tensor([label for _, label in rows], dtype=torch.int64)
     eps, flips = draw_noise_and_flips(seed, epoch, positions, tuple(manifest["latent_shape"]))
     if not hflip:
         flips[:] = False
-    return sample_latents(moments, flips, eps, manifest["scale_factor"]), labels
+    # Only the drawn view of each sample (image or flip) is copied out of the bytes read: half the copying.
+    views = np.empty((len(positions), *manifest["stored_shape"][1:]), manifest["dtype"])
+    labels = torch.empty(len(positions), dtype=torch.int64)
+    for j, (position, flip) in enumerate(zip(positions.tolist(), flips.tolist())):
+        moments, labels[j] = reader.read(position)
+        views[j] = moments[int(flip)]
+    return sample_latents(views, eps, manifest["scale_factor"]), labels
 
 
 class _RankBatches(IterableDataset):

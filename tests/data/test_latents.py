@@ -19,11 +19,11 @@ def test_a_sample_gets_the_same_noise_in_any_batch():
     assert abs(many.mean().item()) < 0.01 and abs(many.std().item() - 1) < 0.01
 
 
-def test_sample_latents_is_scaled_mean_plus_std_times_eps_of_the_chosen_view():
-    moments = np.zeros((2, 2, 2, 1, 1), np.float16)  # [B, image|flip, mean|std (C = 1), h, w]
-    moments[:, 0, 0], moments[:, 0, 1] = 1.0, 0.5  # image: mean 1, std 0.5
-    moments[:, 1, 0], moments[:, 1, 1] = -2.0, 0.25  # flip: mean -2, std 0.25
+def test_sample_latents_is_scaled_mean_plus_std_times_eps():
+    views = np.zeros((2, 2, 1, 1), np.float16)  # [B, mean|std (C = 1), h, w]
+    views[0, 0], views[0, 1] = 1.0, 0.5
+    views[1, 0], views[1, 1] = -2.0, 0.25
     eps = torch.tensor([2.0, 4.0]).reshape(2, 1, 1, 1)
-    latents = sample_latents(moments, np.array([False, True]), eps, scale_factor=0.5)
+    latents = sample_latents(views, eps, scale_factor=0.5)
     assert latents.dtype == torch.float32
     np.testing.assert_allclose(latents.flatten(), [0.5 * (1 + 0.5 * 2), 0.5 * (-2 + 0.25 * 4)])
