@@ -185,3 +185,23 @@ def test_a_failure_while_working_is_one_line_exit_1_and_the_traceback_comes_with
 def test_status_of_a_path_that_is_no_run_is_a_usage_error(tmp_path):
     done = run("status", str(tmp_path / "nowhere"))
     assert done.returncode == 2 and done.stderr.startswith(f"dtr-scale status: no run directory at {tmp_path}/nowhere")
+
+
+HYDRAS_OWN_HELP = """
+import sys, hydra
+sys.argv = ["dtr-scale train", *sys.argv[1:]]
+hydra.main(config_path="pkg://dtr_scale.configs", config_name="train", version_base="1.3")(lambda cfg: None)()
+"""
+
+
+def test_the_fast_help_prints_what_hydras_own_help_prints(tmp_path):
+    """--help lists the groups itself (Hydra's listing copies its repository per group: 2 s); same text."""
+    (tmp_path / "mine" / "cluster").mkdir(parents=True)
+    (tmp_path / "mine" / "cluster" / "my_slurm.yaml").write_text("kind: slurm\ngpus_per_node: 8\n")
+    args = ["--config-dir", str(tmp_path / "mine"), "cluster=my_slurm", "world_size=8", "model=dit_b2", "--help"]
+    hydras = subprocess.run([sys.executable, "-c", HYDRAS_OWN_HELP, *args], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    ours = run("train", *args, cwd=tmp_path)
+    assert hydras.returncode == ours.returncode == 0
+    assert "cluster: example_cluster, local, my_slurm, none" in ours.stdout and "  hidden_size: null" in ours.stdout
+    assert ours.stdout == hydras.stdout
