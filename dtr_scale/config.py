@@ -455,8 +455,8 @@ class TrainConfig:
         _require(not self.weighting.stratify or micro % k == 0, "global_batch_size",
                  f"per-rank batch {micro} (= {self.global_batch_size} / world_size {self.world_size}"
                  f" / grad_accum {self.backend.grad_accum}) is not divisible by weighting.num_intervals={k}; "
-                 f"stratified timestep sampling puts batch/k samples in each interval, so choose a batch "
-                 f"that is a multiple of {k}")
+                 f"stratified timestep sampling puts per-rank batch/k samples in each interval, so choose a "
+                 f"global_batch_size that is a multiple of world_size x grad_accum x num_intervals = {split * k}")
         if self.weighting.kind in GRADIENT_WEIGHTINGS:
             _require(self.backend.name != "deepspeed", "backend.name",
                      f"weighting={self.weighting.kind} needs the k per-interval gradients, which DeepSpeed ZeRO "
