@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -205,6 +206,7 @@ class LaunchCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.job.name != "train":
             return  # plan and eval compose train.yaml too, and launch nothing
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the config; run_job sets it next anyway
         try:
             checked_config(job_config(config))
         except ConfigError as err:

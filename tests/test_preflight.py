@@ -133,3 +133,10 @@ def test_a_resume_with_a_wrong_run_dir_leaves_the_existing_directory_as_it_was(t
                cwd=tmp_path)
     assert done.returncode == 2 and "data.path: no manifest.json" in done.stderr
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+
+
+def test_the_checks_see_the_config_as_the_job_will_with_hydras_own_interpolations(tmp_path):
+    done = run("train", f"run_dir={tmp_path}/runs/${{hydra:job.name}}", f"data.path={tmp_path}/nowhere",
+               "data.embedded=false", cwd=tmp_path)
+    assert done.returncode == 2 and "data.path: no manifest.json" in done.stderr
+    assert "HydraConfig" not in done.stderr and list(tmp_path.iterdir()) == []
