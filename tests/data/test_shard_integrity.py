@@ -4,6 +4,7 @@ feeds wrong numbers or fails with a library's IndexError. The full hash is done 
 bytes flipped in place after that are caught at the read of the damaged sample."""
 
 import json
+import multiprocessing
 import os
 import shutil
 
@@ -200,3 +201,28 @@ def test_prep_verify_adds_sample_hashes_to_an_old_dataset_and_the_reads_are_then
     with pytest.raises(ShardDataError, match="sample 3 of the shard, global sample 3"):
         for _ in range(it.steps_per_epoch):
             next(it)
+
+
+def test_ranks_starting_together_hash_each_file_once_between_them(identity_datasets, tmp_path, monkeypatch):
+    """Four ranks of a node start at once on a dataset the mark does not cover: the first to take the mark's
+    lock hashes, the others wait and find the files marked."""
+    root = copy_of(identity_datasets, "mds", tmp_path)
+    os.remove(os.path.join(root, MARK_NAME))
+    log = tmp_path / "hashed.txt"
+    real = integrity.file_sha256
+
+    def logged(path):
+        with open(log, "a") as f:
+            f.write(path + "\n")
+        return real(path)
+
+    monkeypatch.setattr(integrity, "file_sha256", logged)  # inherited by the forked ranks
+    context = multiprocessing.get_context("fork")
+    ranks = [context.Process(target=loader, args=(root, "mds")) for _ in range(4)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert [rank.exitcode for rank in ranks] == [0] * 4
+    files = [os.path.join(root, p) for entry in read_manifest(root)["shards"] for p, _ in shard_files(entry)]
+    assert sorted(log.read_text().split()) == sorted(files)
