@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dtr_scale.train.backends import make_backend
-from dtr_scale.train.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint, read_meta
+from dtr_scale.train.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint, read_manifest, read_meta
 from dtr_scale.train.components import DiffusionTrainModule, build_loader, build_model, build_objective
 from dtr_scale.train.ema import make_ema
 from dtr_scale.world import World
@@ -63,3 +63,27 @@ def test_a_save_is_due_every_n_steps_and_at_the_last(tiny_config):
     checkpoints = manager(tiny_config(steps=25, **{"checkpoint.every": 10}))
     assert [s for s in range(1, 26) if checkpoints.due(s)] == [10, 20, 25]
     checkpoints.finish()
+
+
+def test_save_writes_only_when_due_and_always_at_the_last_step(tiny_config):
+    checkpoints = manager(tiny_config(steps=25, **{"checkpoint.every": 10, "checkpoint.async_save": True}))
+    saved = [s for s in range(1, 26) if checkpoints.save(s)]
+    assert saved == [10, 20, 25]
+    assert checkpoints.save(7, last=True)  # a stop: saved although not due, synchronously
+    checkpoints.finish()
+    assert [e["step"] for e in read_manifest(tiny_config().run_dir)] == [7, 10, 20, 25]
+
+
+def test_the_before_commit_hook_runs_before_the_checkpoint_is_complete(tiny_config):
+    cfg = tiny_config(steps=4, **{"checkpoint.every": 2, "checkpoint.async_save": False})
+    seen = []
+
+    def hook(step):  # e.g. the post-hoc EMA snapshots: on disk before a resume could start from step
+        seen.append((step, [e["step"] for e in read_manifest(cfg.run_dir)]))
+
+    checkpoints = manager(cfg)
+    checkpoints.before_commit = hook
+    for step in range(1, 5):
+        checkpoints.save(step)
+    checkpoints.finish()
+    assert seen == [(2, []), (4, [2])]

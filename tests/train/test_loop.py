@@ -198,3 +198,23 @@ def test_skipped_steps_leave_adam_untouched_on_the_device_and_records_carry_thro
     assert [r["skipped_steps"] for r in records] == [2, 2]
     for r in records:  # one process on a CPU: per device = all, and no GPU peak for MFU
         assert r["images_per_s_per_device"] == r["images_per_s"] > 0 and r["mfu"] is None
+
+
+def test_init_from_starts_a_fresh_run_and_a_resume_never_reads_it(tiny_config, tmp_path):
+    import dataclasses
+
+    from dtr_scale.train.components import build_model
+    from dtr_scale.train.loop import assemble
+    from dtr_scale.world import World
+
+    released = tmp_path / "released.pt"
+    torch.manual_seed(123)  # weights other than the ones the run's seed gives
+    torch.save(build_model(tiny_config()).state_dict(), released)
+    cfg = tiny_config(steps=4, **{"model.init_from": str(released), "checkpoint.every": 2})
+    fresh = assemble(cfg, World())
+    for name, value in torch.load(released, weights_only=True).items():
+        assert torch.equal(fresh.model.state_dict()[name], value), name
+        assert torch.equal(fresh.ema.state_dict()[name], value), name
+    assert train(cfg).step == 4
+    released.unlink()  # a resume loads its checkpoint's weights: the file is not even read
+    assert train(dataclasses.replace(cfg, steps=6)).step == 6

@@ -154,3 +154,39 @@ def test_training_resume_refuses_a_payload_in_a_deepspeed_shard(tiny_config, tmp
     assert not marker.exists()
     torch.load(shard, weights_only=False)  # and it was a real payload
     assert marker.exists()
+
+
+def test_the_safe_deepspeed_load_is_this_threads_alone_and_undone(tmp_path):
+    import argparse
+    import threading
+
+    from dtr_scale.train.backends.deepspeed import DeepSpeedCheckpointError, deepspeed_files_read_safely
+
+    path = tmp_path / "object.pt"
+    torch.save(argparse.Namespace(answer=42), path)  # loading it runs argparse.Namespace: not plain data
+    real_load, elsewhere = torch.load, {}
+
+    def other_thread():  # a library loading its own trusted file at the same time
+        elsewhere["value"] = torch.load(path, weights_only=False)
+
+    with deepspeed_files_read_safely():
+        with pytest.raises(DeepSpeedCheckpointError, match=r"refusing to load .*object.pt"):
+            torch.load(path, weights_only=False)  # what DeepSpeed's own reads ask for
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert elsewhere["value"] == argparse.Namespace(answer=42)
+    assert torch.load is real_load
+
+
+def test_a_universal_load_is_set_on_one_engine_for_one_load():
+    from dtr_scale.train.backends.deepspeed import universal_load
+
+    class Engine:  # DeepSpeed's engine asks this method whether it loads a universal checkpoint
+        def load_universal_checkpoint(self):
+            return False
+
+    engine, other = Engine(), Engine()
+    with universal_load(engine, True):
+        assert engine.load_universal_checkpoint() is True and other.load_universal_checkpoint() is False
+    assert engine.load_universal_checkpoint() is False and "load_universal_checkpoint" not in vars(engine)
