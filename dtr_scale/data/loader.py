@@ -33,7 +33,7 @@ from dtr_scale.data.readers import open_reader
 from dtr_scale.data.remote import Fetcher, fetch_dataset_files
 from dtr_scale.data.shard_format import FORMATS, ShardDataError, read_manifest
 
-__all__ = ["DevicePrefetcher", "ShardLoader", "build_shard_loader", "read_manifest", "load_batch"]
+__all__ = ["DevicePrefetcher", "ShardLoader", "build_shard_loader", "checked_manifest", "read_manifest", "load_batch"]
 
 STATE_VERSION = 1
 
@@ -120,23 +120,30 @@ class ShardLoader:
         self.step = int(state["step"])
 
 
+def checked_manifest(path: str, *, format: str, remote: str | None = None) -> dict:
+    """The manifest of the dataset at `path` (or at `remote`, with `path` its cache) once the start's checks
+    have passed: it exists, it is in `format`, and every shard present was hashed once for this dataset
+    version (the ranks of a node take turns, the first does the work). A launch check calls this before
+    anything is written; ShardDataError says what is wrong."""
+    if format not in FORMATS:
+        raise ShardDataError(f"data.format={format!r} is not one of {', '.join(FORMATS)}")
+    manifest = fetch_dataset_files(remote, path) if remote else read_manifest(path)
+    if manifest["format"] != format:
+        raise ShardDataError(f"data.format={format} but the shards at {remote or path} are {manifest['format']}; "
+                             f"set data.format={manifest['format']}")
+    verify_dataset(path, manifest)
+    return manifest
+
+
 def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: int, world_size: int,
                        seed: int, num_workers: int = 0, hflip: bool = True, remote: str | None = None) -> ShardLoader:
     """The loader of the prepared dataset at `path` (a directory with manifest.json), or of the one at
     `remote` with `path` as its local cache; hflip: draw the image or its stored horizontal flip per sample
     and epoch (DiT's augmentation)."""
-    manifest = fetch_dataset_files(remote, path) if remote else read_manifest(path)
-    if format not in FORMATS:
-        raise ShardDataError(f"data.format={format!r} is not one of {', '.join(FORMATS)}")
-    if manifest["format"] != format:
-        raise ShardDataError(f"data.format={format} but the shards at {path} are {manifest['format']}; "
-                             f"set data.format={manifest['format']}")
+    manifest = checked_manifest(path, format=format, remote=remote)
     order = BatchOrder(manifest["num_samples"], global_batch_size, rank, world_size, seed)
-    # Here, before any worker starts: the one full hash of shards not yet verified on this filesystem (the ranks
-    # of a node take turns, the first does the work), and the format's library imported once, not per worker.
-    verify_dataset(path, manifest)
     fetch = Fetcher(remote, path) if remote else None
-    open_reader(path, manifest, fetch)
+    open_reader(path, manifest, fetch)  # here: the format's library imported once, not once per worker
     return ShardLoader(path, manifest, order, num_workers, hflip, fetch)
 
 

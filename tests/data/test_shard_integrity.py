@@ -13,7 +13,7 @@ import pytest
 
 from dtr_scale.data import integrity
 from dtr_scale.data.integrity import MARK_NAME, read_mark, sample_hash_path, shard_files
-from dtr_scale.data.loader import build_shard_loader
+from dtr_scale.data.loader import build_shard_loader, checked_manifest
 from dtr_scale.data.shard_format import ShardDataError, read_manifest
 from dtr_scale.data_prep.cli import main as prep_main
 
@@ -76,9 +76,10 @@ def test_a_shard_damaged_before_the_start_stops_the_loader_before_any_batch(iden
     root = copy_of(identity_datasets, fmt, tmp_path)
     shard = shard_path(root)
     flip_a_byte(shard)  # a rewrite changes the mtime: the mark no longer covers the shard
-    with pytest.raises(ShardDataError, match=r"does not match the sha256 that manifest.json records") as err:
-        loader(root, fmt)
-    assert shard in str(err.value) and f"dtr-prep verify {root}" in str(err.value)
+    for start in (lambda: checked_manifest(root, format=fmt), lambda: loader(root, fmt)):  # a launch check, a rank
+        with pytest.raises(ShardDataError, match=r"does not match the sha256 that manifest.json records") as err:
+            start()
+        assert shard in str(err.value) and f"dtr-prep verify {root}" in str(err.value)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
