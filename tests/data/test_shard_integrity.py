@@ -227,3 +227,15 @@ def test_ranks_starting_together_hash_each_file_once_between_them(identity_datas
     assert [rank.exitcode for rank in ranks] == [0] * 4
     files = [os.path.join(root, p) for entry in read_manifest(root)["shards"] for p, _ in shard_files(entry)]
     assert sorted(log.read_text().split()) == sorted(files)
+
+
+def test_a_damaged_mark_costs_one_full_hash_not_the_run(identity_datasets, tmp_path, monkeypatch):
+    root = copy_of(identity_datasets, "webdataset", tmp_path)
+    with open(os.path.join(root, MARK_NAME), "w") as f:
+        f.write('{"version": 1, "files": {"chunk-0')  # torn by a killed writer on a filesystem without rename
+    hashed = []
+    real = integrity.file_sha256
+    monkeypatch.setattr(integrity, "file_sha256", lambda path: hashed.append(path) or real(path))
+    read_an_epoch(root, "webdataset")
+    files = {p for entry in read_manifest(root)["shards"] for p, _ in shard_files(entry)}
+    assert len(hashed) == len(files) and set(read_mark(os.path.join(root, MARK_NAME))) == files
