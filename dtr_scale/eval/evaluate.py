@@ -27,6 +27,7 @@ from dtr_scale.eval.generate import Decoder, distributed_position, generate_samp
 from dtr_scale.eval.results import append_result, find_result, log_to_wandb
 from dtr_scale.eval.settings import EvalSettings, reference_name, require_images
 from dtr_scale.eval.training_cost import training_cost
+from dtr_scale.provenance import collect_provenance
 from dtr_scale.train.checkpoint import open_checkpoint, require_complete
 from dtr_scale.train.components import build_diffusion
 from dtr_scale.world import World
@@ -136,7 +137,7 @@ def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig,
               **(cost.record_fields() if cost is not None else {}),
               "checkpoint": str(checkpoint), "samples": str(npz), "sample_s": sampled - start,
               "metric_s": time.perf_counter() - sampled, "wall_s": time.perf_counter() - start,
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "provenance": collect_provenance()}
     stored = append_result(run_dir, record)
     if stored is not record:  # another evaluator stored this result first; its record stands
         return stored

@@ -63,11 +63,13 @@ def eval_lock(run_dir: str | Path) -> Iterator[None]:
 
 def append_result(run_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
     """Store `record` unless a record with its key is there already (written by another
-    evaluator meanwhile); returns the stored one. Each key is written once."""
+    evaluator meanwhile); returns the stored one (`record` itself when it carries its provenance
+    and was stored). Each key is written once."""
     missing = [name for name in KEY_FIELDS if name not in record and name not in KEY_DEFAULTS]
     if missing:
         raise KeyError(f"an evaluation record needs {', '.join(missing)} to be told apart from the others")
-    record = {**record, "provenance": record.get("provenance") or collect_provenance()}  # code and hardware
+    if not record.get("provenance"):  # code and hardware; a record that has it is stored as it is
+        record = {**record, "provenance": collect_provenance()}
     with eval_lock(run_dir):
         stored = find_result(run_dir, record_key(record))
         if stored is not None:
@@ -172,6 +174,15 @@ def protocols_of(records: list[dict[str, Any]]) -> list[str]:
     return sorted({record_protocol(r) for r in records}, key=PROTOCOLS.index)
 
 
+def series_panel(records: list[dict[str, Any]], metric: str, title: str, x: str = "step") -> Panel | None:
+    """One panel of `metric` against x (the step, or gpu_hours), a line per averaging; None when
+    no record has both."""
+    curves = [Curve(name, *zip(*points)) for name, points in metric_series(records, metric, x).items()]
+    if not curves:
+        return None
+    return Panel(title, curves, metric, xlabel="training step" if x == "step" else TRAINING_GPU_HOURS)
+
+
 def result_panels(records: list[dict[str, Any]]) -> list[Panel]:
     """Per protocol (the full one first; the quick one's titles say so, never mixed into the
     full one's): the main metric against training step and against the GPU-hours the training
@@ -181,15 +192,9 @@ def result_panels(records: list[dict[str, Any]]) -> list[Panel]:
     for protocol in protocols_of(records):
         group = [r for r in records if record_protocol(r) == protocol]
         suffix = "" if protocol == "full" else f" ({protocol} protocol)"
-
-        def panel(metric: str, x: str = "step") -> Panel | None:
-            series = metric_series(group, metric, x)
-            curves = [Curve(name, *zip(*points)) for name, points in series.items()]
-            title = f"{metric}{suffix}" if x == "step" else f"{metric}{suffix} against GPU-hours"
-            return Panel(title, curves, metric, xlabel="training step" if x == "step" else TRAINING_GPU_HOURS) \
-                if curves else None
-
-        ordered = [panel(main), panel(main, "gpu_hours"), *(panel(m) for m in METRICS if m != main)]
+        ordered = [series_panel(group, main, main + suffix),
+                   series_panel(group, main, f"{main}{suffix} against GPU-hours", x="gpu_hours"),
+                   *(series_panel(group, m, m + suffix) for m in METRICS if m != main)]
         panels += [p for p in ordered if p is not None]
     return panels
 

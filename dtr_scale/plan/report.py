@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from dtr_scale.config import ConfigError, TrainConfig
+from dtr_scale.config import ConfigError, EvalConfig, TrainConfig
 from dtr_scale.plan.calibration import model_key
 from dtr_scale.plan.planner import GB, GIB, Plan, make_plan
 
@@ -83,7 +83,7 @@ def config_summary(cfg: TrainConfig) -> Rows:
     ]
 
 
-def _full_schedule(e) -> str:
+def _full_schedule(e: EvalConfig) -> str:
     if e.milestones is None:
         return f"every {e.every:,} steps"
     return "at " + ", ".join("the last step" if m == -1 else f"{m:,}" for m in e.milestones)

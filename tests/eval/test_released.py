@@ -111,16 +111,6 @@ def test_init_from_starts_model_and_ema_at_the_released_weights_with_a_fresh_opt
     assert build_optimizer(model, build_objective(cfg), cfg).state_dict()["state"] == {}
 
 
-def test_init_from_is_ignored_once_the_run_has_a_checkpoint(tmp_path, official_pt, monkeypatch):
-    path, state = official_pt
-    cfg = tiny_config(tmp_path, init_from=str(path))
-    monkeypatch.setattr("dtr_scale.train.components.complete_checkpoints", lambda run_dir: [(200, tmp_path)])
-    model = build_model(cfg)  # a resume: the checkpoint's weights are loaded over these next
-    assert not torch.equal(model.state_dict()["x_embedder.proj.weight"], state["x_embedder.proj.weight"])
-    missing = tiny_config(tmp_path, init_from=str(tmp_path / "gone.pt"))
-    build_model(missing)  # the file is not even read
-
-
 def test_init_from_with_a_wrong_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="gone.pt"):
         build_model(tiny_config(tmp_path, init_from=str(tmp_path / "gone.pt")))

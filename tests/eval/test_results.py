@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from dtr_scale.config import to_train_config
+from dtr_scale.eval.settings import EvalSettings
 from dtr_scale.eval.results import (
     append_result,
     find_result,
@@ -123,3 +124,23 @@ def test_wandb_offline_resumes_one_evaluation_run_per_run_dir(tmp_path):
     assert (tmp_path / "eval" / "wandb_id.txt").read_text() == run_id
     runs = sorted(p.name for p in (tmp_path / "eval" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run_id in name for name in runs)
+
+
+def test_a_result_stored_before_protocols_existed_is_the_full_protocols(run_dir):
+    # SETTINGS has no "protocol": records written before the quick protocol existed
+    settings = EvalSettings(**{k: v for k, v in SETTINGS.items() if k != "num_samples"}, num_samples=50000)
+    assert find_result(run_dir, settings.result_key(400_000, "ema"))["fid"] == 8.9
+    assert find_result(run_dir, EvalSettings(**{**settings.__dict__, "protocol": "quick"}).result_key(
+        400_000, "ema")) is None
+    append_result(run_dir, record(400_000, "ema", 9.5, protocol="quick", num_samples=10000))
+    lines = results_table(run_dir).splitlines()
+    quick_at = lines.index(next(line for line in lines if line.startswith("## Quick protocol")))
+    assert lines[0].startswith("## Full protocol") and all("9.50" not in line for line in lines[:quick_at])
+    assert any("| 400000 | ema |" in line and "9.50" in line for line in lines[quick_at:])
+
+
+def test_a_stored_record_is_returned_as_given_and_a_rival_gets_the_first(tmp_path):
+    mine = record(100, "ema", 3.0, provenance={"git": "abc"})
+    assert append_result(tmp_path, mine) is mine  # the evaluator logs what it stored, to wandb too
+    rival = append_result(tmp_path, record(100, "ema", 4.0, provenance={"git": "def"}))
+    assert rival["fid"] == 3.0 and rival["provenance"] == {"git": "abc"}
