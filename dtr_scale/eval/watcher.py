@@ -232,6 +232,7 @@ class Failure:
     step: int
     averaging: str
     error: str
+    protocol: str = "full"
 
 
 def failures(run_dir: str | Path, cfg: TrainConfig, checkpoint: str | Path | None = None) -> list[Failure]:
@@ -245,13 +246,14 @@ def failures(run_dir: str | Path, cfg: TrainConfig, checkpoint: str | Path | Non
         points = due_points(run_dir, cfg, finished=True)
     done = done_keys(run_dir)
     last, _ = read_events(run_dir)
-    return [Failure(item.step, item.averaging, last[item.key].get("error", "?"))
+    return [Failure(item.step, item.averaging, last[item.key].get("error", "?"), item.protocol)
             for item in work_items(points, cfg)
             if item.key not in done and item.key in last and last[item.key]["event"] == "failed"]
 
 
 def failures_message(failed: list[Failure]) -> str:
     """What `dtr-scale eval` prints (to stderr, exiting non-zero) when items failed."""
-    lines = [f"  step {f.step} {f.averaging}: {f.error}" for f in failed]
+    lines = [f"  step {f.step} {f.averaging}{'' if f.protocol == 'full' else f' ({f.protocol} protocol)'}: {f.error}"
+             for f in failed]
     return (f"dtr-scale eval: {len(failed)} evaluation(s) failed:\n" + "\n".join(lines) +
             "\nfix the cause and run the same command with --retry-failed to evaluate them again")

@@ -11,6 +11,7 @@ from dtr_scale.eval.cli import main
 from dtr_scale.eval.features import INCEPTION_URL
 from dtr_scale.eval.results import read_results
 from dtr_scale.eval.settings import EvalSettings
+from dtr_scale.eval.watcher import Failure, failures_message
 from dtr_scale.eval.work_log import work_path
 
 SMALL = ["eval.num_samples=20", "eval.batch_size=10", "diffusion.sampling_steps=5"]
@@ -66,3 +67,8 @@ def test_missing_inception_weights_are_found_before_any_sampling(run_copy, tmp_p
         main([f"run_dir={run_copy}", *SMALL, f"eval.reference={reference}", f"eval.inception={missing}"])
     assert f"FID Inception weights not found at {missing}" in exit_.value.code and INCEPTION_URL in exit_.value.code
     assert loads == [] and not (run_copy / "eval" / "samples").exists()
+
+
+def test_a_failed_quick_item_is_listed_with_its_protocol():
+    message = failures_message([Failure(100, "ema", "OSError: disk full", "quick"), Failure(250, "raw", "KeyError: x")])
+    assert "  step 100 ema (quick protocol): OSError: disk full\n  step 250 raw: KeyError: x\n" in message
