@@ -33,10 +33,10 @@ import numpy as np
 import xxhash  # a dependency of mosaicml-streaming
 
 from dtr_scale.data.shard_format import ShardDataError, file_sha256, tar_index_path
+from dtr_scale.io import atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from dtr_scale.data.remote import Fetcher
-from dtr_scale.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +177,18 @@ def damaged_message(root: str, path: str, what: str, problem: str) -> str:
             "chunks are kept) and `dtr-prep merge`")
 
 
-def verify_dataset(root: str, manifest: dict) -> dict[str, dict]:
-    """Make sure every shard file present in `root` was hashed once for this dataset version (the usual
-    start: a stat per file). Files not present (a remote dataset's cache) are checked when fetched."""
+def verify_dataset(root: str, manifest: dict, *, present_only: bool = False) -> dict[str, dict]:
+    """Make sure every shard file in `root` was hashed once for this dataset version (the usual start: a stat
+    per file); a missing one is an error, unless `present_only` (a remote dataset's cache, whose files are
+    checked when they are fetched)."""
     if any("sample_hashes_sha256" not in entry for entry in manifest["shards"]):
         log.warning("%s was prepared without per-sample hashes: its shards are hashed in full once, but bytes "
                     "damaged after that are not caught at the read. Add them with `dtr-prep verify %s "
                     "--add-sample-hashes`", root, root)
     files = [f for entry in manifest["shards"] for f in shard_files(entry)]
     marked = read_mark(mark_path(root))
-    todo = [(p, s) for p, s in files if not is_trusted(root, marked, p, s) and os.path.exists(os.path.join(root, p))]
+    todo = [(p, s) for p, s in files if not is_trusted(root, marked, p, s)
+            and not (present_only and not os.path.exists(os.path.join(root, p)))]
     if not todo:
         return marked
     log.info("%s: hashing %d shard file(s) not yet verified on this filesystem (once per dataset version)",

@@ -131,7 +131,7 @@ def checked_manifest(path: str, *, format: str, remote: str | None = None) -> di
     if manifest["format"] != format:
         raise ShardDataError(f"data.format={format} but the shards at {remote or path} are {manifest['format']}; "
                              f"set data.format={manifest['format']}")
-    verify_dataset(path, manifest)
+    verify_dataset(path, manifest, present_only=bool(remote))
     return manifest
 
 

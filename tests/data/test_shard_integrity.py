@@ -83,6 +83,15 @@ def test_a_shard_damaged_before_the_start_stops_the_loader_before_any_batch(iden
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_a_missing_shard_is_an_error_before_the_first_batch(identity_datasets, fmt, tmp_path):
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    shard = shard_path(root, 3)
+    os.remove(shard)
+    with pytest.raises(ShardDataError, match=rf"shard {shard} is missing; run `dtr-prep verify {root}`"):
+        checked_manifest(root, format=fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_truncated_shard_is_an_error_naming_the_shard_and_the_fix(identity_datasets, fmt, tmp_path):
     root = copy_of(identity_datasets, fmt, tmp_path)
     shard = shard_path(root)
