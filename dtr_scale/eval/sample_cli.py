@@ -105,7 +105,12 @@ def sample_spec(options: dict[str, Any], model_cfg: TrainConfig, cfg: TrainConfi
 
 
 def rank_device(device: str, rank: int) -> torch.device:
-    return torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device(device)
+    """Process `rank`'s device: GPU rank (modulo the GPUs here) for device=cuda."""
+    if device != "cuda":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda, but no GPU is visible here; sample with device=cpu or where the GPUs are")
+    return torch.device("cuda", rank % torch.cuda.device_count())
 
 
 @torch.no_grad()
@@ -160,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
             npz = sample_rank(*distributed_position(), options, overrides)
         elif world_size == 1:
             npz = sample_rank(0, 1, options, overrides)
-        else:
-            compose_config(overrides, str(options["out"]))  # a bad override fails here, not in every process
+        else:  # a bad override or device fails here, not in every process
+            compose_config(overrides, str(options["out"]))
+            rank_device(str(options["device"]), 0)
             torch.multiprocessing.start_processes(_spawned, args=(world_size, options, overrides),
                                                   nprocs=world_size, start_method="spawn")
             npz = Path(options["out"]) / SAMPLES_NPZ

@@ -118,3 +118,11 @@ def test_sample_is_listed_and_has_help():
     assert "dtr-scale sample weights=PATH" in listed.stdout
     done = subprocess.run([DTR_SCALE, "sample", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "classes" in done.stdout and "autoencoder" in done.stdout
+
+
+def test_sampling_on_gpus_where_there_are_none_says_so(tmp_path, official_pt, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, GPUs or not
+    with pytest.raises(SystemExit) as exit_:
+        main([f"weights={official_pt}", "model=tiny", "routing=none", "device=cuda", "world_size=2", f"out={tmp_path}"])
+    assert exit_.value.code == 2 and "device=cuda, but no GPU is visible here" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
