@@ -252,7 +252,7 @@ class ShardChecks:
     def check(self, shard: int, index: int, data: bytes, position: int) -> None:
         """ShardDataError naming shard and sample if the bytes read are not the ones prep wrote."""
         hashes = self.hashes[shard]
-        if hashes is None or xxhash.xxh3_64_intdigest(data) == int(hashes[index]):
+        if data and (hashes is None or xxhash.xxh3_64_intdigest(data) == int(hashes[index])):
             return
         path = self.entries[shard]["path"]
         forget(self.root, [path])

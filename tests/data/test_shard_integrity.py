@@ -126,6 +126,20 @@ def test_bytes_flipped_in_place_while_training_are_caught_at_the_read_of_that_sa
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_a_shard_cut_short_while_training_is_caught_at_the_read_of_a_lost_sample(identity_datasets, fmt, tmp_path):
+    root = copy_of(identity_datasets, fmt, tmp_path)
+    it = loader(root, fmt)
+    next(it)
+    shard = shard_path(root, 0)
+    with open(shard, "r+b") as f:
+        f.truncate(sample_offset(root, fmt, 0, 40))  # samples 40.. of shard 0 are gone
+    with pytest.raises(ShardDataError, match=rf"{shard} changed after it was verified: .* \(sample "
+                                             r"(4\d|5\d|6[0-3]) of the shard, global sample \1\)"):
+        for _ in range(2 * it.steps_per_epoch):
+            next(it)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_the_full_hash_runs_once_per_dataset_version_not_per_start(identity_datasets, fmt, tmp_path, monkeypatch):
     hashed = []
     real = integrity.file_sha256
