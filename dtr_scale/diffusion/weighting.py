@@ -42,15 +42,33 @@ def uniform_intervals(num_timesteps: int, k: int) -> np.ndarray:
 def snr_interval_costs(snr: np.ndarray) -> np.ndarray:
     """cost[l, r] = sum over t in [l, r] of |SNR_t - SNR_c|, c = round((l + r + 1) / 2), the
     interval loss of ANT's `snr_based_clustering` (inf where l > r). Python's `round` there
-    sends halves to even, as `np.rint` does. Needs SNR non-increasing in t (any noise schedule),
-    which makes each cost two prefix-sum differences."""
+    sends halves to even, as `np.rint` does."""
+    left, right = _interval_grid(len(snr))
+    return deviation_costs(snr, np.rint((left + right + 1) / 2).astype(np.int64))
+
+
+def snr_median_costs(snr: np.ndarray) -> np.ndarray:
+    """cost[l, r] = sum over t in [l, r] of |SNR_t - SNR_c|, c = floor((l + r) / 2), the middle
+    timestep: the ANT paper's SNR clustering cost (Go et al. 2023, Sec. 4), a least absolute
+    deviation, since the middle of a monotone run is its median (inf where l > r)."""
+    left, right = _interval_grid(len(snr))
+    return deviation_costs(snr, (left + right) // 2)
+
+
+def _interval_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+
+
+def deviation_costs(snr: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """cost[l, r] = sum over t in [l, r] of |SNR_t - SNR_center[l, r]| (inf where l > r). Needs
+    SNR non-increasing in t (any noise schedule), which makes each cost two prefix-sum differences."""
     values = np.asarray(snr, dtype=np.float64)
     if np.any(np.diff(values) > 0):
         raise ValueError("SNR-based intervals need an SNR that does not increase with t; check the noise schedule")
     n = len(values)
     prefix = np.concatenate([[0.0], np.cumsum(values)])
-    left, right = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    center = np.minimum(np.rint((left + right + 1) / 2).astype(np.int64), n - 1)
+    left, right = _interval_grid(n)
+    center = np.minimum(center, n - 1)
     at_center = values[center]
     above = prefix[center] - prefix[left] - (center - left) * at_center  # t in [l, c): SNR_t >= SNR_c
     below = (right - center) * at_center - (prefix[right + 1] - prefix[center + 1])  # t in (c, r]
@@ -96,8 +114,8 @@ def snr_dp_intervals(snr: np.ndarray, k: int) -> np.ndarray:
     timestep of each preceding DP interval as the next start, so every printed interval is one
     step earlier than the partition it optimised: on the linear schedule with k = 8 it prints
     [0, 1, 2, 5, 10, 18, 37, 94] for the partition [0, 2, 3, 6, 11, 19, 38, 95], which is what
-    this returns. The intervals crowd toward tiny t on the linear schedule (SPEC 4). The search
-    range keeps this from minimising its own cost: snr_optimal_intervals does."""
+    this returns. The intervals crowd toward tiny t on the linear schedule (SPEC 4). Neither its
+    search range nor its centre is the paper's problem, which snr_optimal_intervals solves."""
     n = len(snr)
     if not 1 <= k <= (n if k == 1 else n - 1):  # ANT's first interval holds two timesteps
         raise ValueError(f"weighting.num_intervals={k}: cannot split {n} timesteps into {k} intervals")
@@ -105,13 +123,14 @@ def snr_dp_intervals(snr: np.ndarray, k: int) -> np.ndarray:
 
 
 def snr_optimal_intervals(snr: np.ndarray, k: int) -> np.ndarray:
-    """The k+1 boundaries of the exact minimiser of ANT's SNR clustering objective (Go et al.
-    2023; the interval cost of `snr_interval_costs`) over every partition of the timesteps into
-    k non-empty contiguous intervals."""
+    """The k+1 boundaries of the exact minimiser of the ANT paper's SNR clustering objective
+    (`snr_median_costs`: the middle timestep as each interval's centre, where ANT's code takes
+    round((l + r + 1) / 2)) over every partition of the timesteps into k non-empty contiguous
+    intervals."""
     n = len(snr)
     if not 1 <= k <= n:
         raise ValueError(f"weighting.num_intervals={k}: cannot split {n} timesteps into {k} non-empty intervals")
-    return best_partition(snr_interval_costs(snr), k)
+    return best_partition(snr_median_costs(snr), k)
 
 
 def interval_boundaries(kind: str, snr: np.ndarray, k: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 
 from dtr_scale.config import ConfigError, TrainConfig
 from dtr_scale.diffusion.schedules import make_betas, snr
-from dtr_scale.diffusion.weighting import interval_boundaries, partition_cost, snr_interval_costs
+from dtr_scale.diffusion.weighting import interval_boundaries, partition_cost, snr_interval_costs, snr_median_costs
 from dtr_scale.launch.executor import max_requeues, requeue_budget
 from dtr_scale.plan.calibration import (
     FORWARDS_PER_TRAINING_STEP,
@@ -83,9 +83,10 @@ class EvalCost:
 
 @dataclass(frozen=True)
 class IntervalChoice:
-    kind: str  # weighting.intervals: snr_dp (ANT's programme) | snr_optimal (its objective's minimiser)
+    kind: str  # weighting.intervals: snr_dp (ANT's programme) | snr_optimal (the paper objective's minimiser)
     bounds: tuple[int, ...]
-    cost: float  # ANT's SNR clustering objective of these intervals
+    cost: float  # the ANT paper's SNR clustering objective of these intervals (snr_median_costs)
+    code_cost: float  # the same with ANT's code's interval centre (snr_interval_costs), which its programme uses
 
 
 @dataclass
@@ -252,17 +253,18 @@ def eval_cost(cfg: TrainConfig, throughput: Throughput) -> list[EvalCost]:
 
 
 def snr_interval_choices(cfg: TrainConfig) -> list[IntervalChoice]:
-    """ANT's programme and the exact optimum of its objective side by side, for a run whose
+    """ANT's programme and the exact optimum of the paper's objective side by side, for a run whose
     weighting.intervals is SNR-based (none for uniform intervals)."""
     w, d = cfg.weighting, cfg.diffusion
     if w.intervals == "uniform":
         return []
     values = snr(np.cumprod(1 - make_betas(d.schedule, d.num_timesteps)))
-    cost = snr_interval_costs(values)
+    paper, code = snr_median_costs(values), snr_interval_costs(values)
     choices = []
     for kind in ("snr_dp", "snr_optimal"):
         bounds = interval_boundaries(kind, values, w.num_intervals)
-        choices.append(IntervalChoice(kind, tuple(bounds.tolist()), partition_cost(cost, bounds)))
+        choices.append(IntervalChoice(kind, tuple(bounds.tolist()), partition_cost(paper, bounds),
+                                      partition_cost(code, bounds)))
     return choices
 
 

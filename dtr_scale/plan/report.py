@@ -174,8 +174,9 @@ def _steps(steps: list[int]) -> str:
 def intervals_section(plan: Plan, cfg: TrainConfig) -> list[str]:
     """Both SNR clusterings with their objective, the one this run trains with marked."""
     names = {"snr_dp": "ANT's programme (snr_dp)", "snr_optimal": "exact optimum (snr_optimal)"}
-    return _table([(names[c.kind], f"cost {c.cost:,.2f}, starts {list(c.bounds[:-1])}"
-                    f"{'  <- used' if c.kind == cfg.weighting.intervals else ''}") for c in plan.intervals])
+    return _table([(names[c.kind], f"cost {c.cost:,.2f} (ANT's code's centre: {c.code_cost:,.2f}), starts "
+                                   f"{list(c.bounds[:-1])}{'  <- used' if c.kind == cfg.weighting.intervals else ''}")
+                   for c in plan.intervals])
 
 
 def format_plan(plan: Plan, cfg: TrainConfig) -> str:
@@ -189,7 +190,7 @@ def format_plan(plan: Plan, cfg: TrainConfig) -> str:
         ("evaluation", evaluation_section(plan, cfg)),
     ]
     if plan.intervals:
-        sections.insert(1, ("SNR timestep intervals (ANT's objective: sum of |SNR_t - SNR_centre|)",
+        sections.insert(1, ("SNR timestep intervals (the ANT paper's objective: sum of |SNR_t - SNR_middle|)",
                             intervals_section(plan, cfg)))
     if plan.warnings:
         sections.append(("warnings", [f"  ! {w}" for w in plan.warnings]))

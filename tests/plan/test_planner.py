@@ -83,14 +83,17 @@ def test_the_headline_run_measures_at_a_fraction_of_the_cost_with_its_final_fid_
     assert "full protocol at 400,000, the last step: 50,000 samples" in format_plan(plan, cfg)
 
 
-def test_snr_intervals_print_ants_cost_beside_the_exact_optimum():
+def test_snr_intervals_print_ants_cost_beside_the_exact_optimum_of_the_papers_objective():
     cfg = compose_experiment("dtr_paper/dit_l2_dtr_antuw_2m", "cluster=example_cluster", "weighting.intervals=snr_dp")
     plan = make_plan(cfg)
-    assert [(c.kind, c.bounds[:4], round(c.cost, 2)) for c in plan.intervals] == [
-        ("snr_dp", (0, 2, 3, 6), 9092.6), ("snr_optimal", (0, 1, 3, 6), 5407.35)]
+    # each partition under the paper's objective (and ANT's code's centre): SPEC 4's linear schedule, k = 8
+    assert [(c.kind, c.bounds[:5], round(c.cost, 2), round(c.code_cost, 2)) for c in plan.intervals] == [
+        ("snr_dp", (0, 2, 3, 6, 11), 9092.6, 9092.6), ("snr_optimal", (0, 1, 2, 3, 6), 4250.97, 6037.93)]
     text = format_plan(plan, cfg)
-    assert "ANT's programme (snr_dp)     cost 9,092.60, starts [0, 2, 3, 6, 11, 19, 38, 95]  <- used" in text
-    assert "exact optimum (snr_optimal)  cost 5,407.35, starts [0, 1, 3, 6, 11, 19, 38, 95]" in text
+    assert ("ANT's programme (snr_dp)     cost 9,092.60 (ANT's code's centre: 9,092.60), starts "
+            "[0, 2, 3, 6, 11, 19, 38, 95]  <- used") in text
+    assert ("exact optimum (snr_optimal)  cost 4,250.97 (ANT's code's centre: 6,037.93), starts "
+            "[0, 1, 2, 3, 6, 11, 24, 63]") in text
     uniform = compose_experiment("dtr_paper/dit_l2_dtr_antuw_2m", "cluster=example_cluster")
     assert make_plan(uniform).intervals == [] and "SNR timestep intervals" not in format_plan(make_plan(uniform), uniform)
 
