@@ -216,9 +216,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def wandb_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """A record's metrics under eval/<averaging>/<metric>, with the training step as x axis."""
+    """A record's metrics under eval/<averaging>/<metric> (the quick protocol's under
+    eval_quick/...), with the training step as x axis, and the GPU-hours training had spent."""
+    prefix = "eval" if record_protocol(record) == "full" else f"eval_{record_protocol(record)}"
     values: dict[str, float] = {"train_step": record["step"]}
-    values.update({f"eval/{record['averaging']}/{m}": record[m] for m in METRICS if record.get(m) is not None})
+    if record.get("gpu_hours") is not None:
+        values["train_gpu_hours"] = record["gpu_hours"]
+    values.update({f"{prefix}/{record['averaging']}/{m}": record[m] for m in METRICS if record.get(m) is not None})
     return values
 
 
@@ -233,6 +237,7 @@ def log_to_wandb(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, 
                          reinit="create_new", settings=wandb.Settings(silent=True))
     run.define_metric("train_step")
     run.define_metric("eval/*", step_metric="train_step")  # evaluations arrive out of step order
+    run.define_metric("eval_quick/*", step_metric="train_step")
     run.define_metric("samples/*", step_metric="train_step")
     for record in records:
         grid = Path(record["samples"]).with_name("grid.png") if record.get("samples") else None  # beside the npz

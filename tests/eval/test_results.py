@@ -144,3 +144,8 @@ def test_a_stored_record_is_returned_as_given_and_a_rival_gets_the_first(tmp_pat
     assert append_result(tmp_path, mine) is mine  # the evaluator logs what it stored, to wandb too
     rival = append_result(tmp_path, record(100, "ema", 4.0, provenance={"git": "def"}))
     assert rival["fid"] == 3.0 and rival["provenance"] == {"git": "abc"}
+
+
+def test_wandb_keeps_the_quick_protocol_under_its_own_keys_with_the_gpu_hours():
+    quick = {"step": 50_000, "averaging": "ema", **SETTINGS, "protocol": "quick", "fid": 20.5, "gpu_hours": 6.25}
+    assert wandb_metrics(quick) == {"train_step": 50_000, "train_gpu_hours": 6.25, "eval_quick/ema/fid": 20.5}
