@@ -128,10 +128,31 @@ def weights_problem(cfg: TrainConfig) -> str | None:
             f"or drop model.init_from to start from random weights")
 
 
+def evaluation_problems(cfg: TrainConfig) -> list[str]:
+    """Scoring checkpoints during or after training (inline here, or as jobs at save time) needs the
+    ADM reference batch, the FID Inception weights and the [eval] extra: found missing hours into
+    the run otherwise. The embedded digits need none of them."""
+    evaluates = cfg.eval.at_save or (cfg.eval.inline and (cfg.cluster is None or cfg.cluster.follows))
+    if cfg.data.kind != "shards" or cfg.data.embedded or not evaluates:
+        return []
+    from dtr_scale.eval.settings import EvaluationError, reference_name
+
+    problems = [message] if (message := missing_extra("torch_fidelity")) else []
+    try:
+        reference_name(cfg)  # without torch: is a reference batch named at all?
+        from dtr_scale.eval.evaluate import preflight  # imports torch: only for a run that names one
+
+        preflight(cfg)
+    except (EvaluationError, FileNotFoundError) as err:
+        problems.append(f"{err} (or set eval.inline=false eval.at_save=false and score the run later with "
+                        f"`dtr-scale eval`)")
+    return problems
+
+
 def launch_problems(cfg: TrainConfig) -> list[str]:
     """Every launch check's problem, one line each; [] when the run can start."""
     problems = [*data_problems(cfg), device_problem(cfg), *extras_problems(cfg), weights_problem(cfg),
-                writable_problem("run_dir", cfg.run_dir)]
+                *evaluation_problems(cfg), writable_problem("run_dir", cfg.run_dir)]
     return [problem for problem in problems if problem]
 
 

@@ -29,8 +29,9 @@ def write_manifest(directory: Path, *, shape=(4, 32, 32), classes=1000, format="
 
 def config(tmp_path: Path, **overrides) -> object:
     data = {"kind": "shards", "path": str(tmp_path / "data"), "format": "mds"}
-    return to_train_config({"model": {"name": "DiT-B/2"}, "data": data, "run_dir": str(tmp_path / "run"),
-                            "global_batch_size": 8, "logging": {"wandb": "disabled"}, **overrides})
+    settings = {"model": {"name": "DiT-B/2"}, "data": data, "run_dir": str(tmp_path / "run"), "global_batch_size": 8,
+                "logging": {"wandb": "disabled"}, "eval": {"inline": False}}
+    return to_train_config(settings | overrides)
 
 
 def run(*args: str, cwd: Path, hide: str | None = None) -> subprocess.CompletedProcess:
@@ -108,8 +109,9 @@ def test_the_cli_refuses_a_wrong_data_path_before_writing_anything(tmp_path):
     done = run("train", "model=dit_b2", "data=imagenet256", f"data.path={tmp_path}/nowhere", "global_batch_size=16",
                cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == ""
-    [line] = done.stderr.splitlines()
-    assert line.startswith(f"dtr-scale train: config error: data.path: no manifest.json at {tmp_path}/nowhere")
+    data, reference = done.stderr.splitlines()  # every problem, one line each
+    assert data.startswith(f"dtr-scale train: config error: data.path: no manifest.json at {tmp_path}/nowhere")
+    assert reference.startswith("dtr-scale train: config error: eval.reference is not set")
     assert list(tmp_path.iterdir()) == []  # no runs/DATE/TIME, no .hydra, no train.log
 
 
@@ -140,3 +142,16 @@ def test_the_checks_see_the_config_as_the_job_will_with_hydras_own_interpolation
                "data.embedded=false", cwd=tmp_path)
     assert done.returncode == 2 and "data.path: no manifest.json" in done.stderr
     assert "HydraConfig" not in done.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_evaluating_beside_training_needs_its_reference_batch_before_training_starts(tmp_path):
+    write_manifest(tmp_path / "data")
+    reference = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    [problem] = launch_problems(config(tmp_path, eval={"inline": True, "reference": str(reference)}))
+    assert problem.startswith(f"eval.reference={reference}: no such file.")
+    assert problem.endswith("(or set eval.inline=false eval.at_save=false and score the run later with `dtr-scale eval`)")
+    [unset] = launch_problems(config(tmp_path, eval={"at_save": True}))
+    assert unset.startswith("eval.reference is not set: point it at an ADM reference batch")
+    # A SLURM job nobody follows is scored by `dtr-scale eval` jobs: nothing to check at launch.
+    slurm = {"kind": "slurm", "gpus_per_node": 0, "tasks_per_node": 1}
+    assert launch_problems(config(tmp_path, eval={"inline": True}, cluster=slurm)) == []
