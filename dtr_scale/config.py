@@ -180,7 +180,10 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     kind: str = "synthetic"  # synthetic | shards
-    path: str | None = None  # shard directory, for kind=shards
+    path: str | None = None  # shard directory, for kind=shards (the node-local cache with `remote`)
+    # s3://bucket/prefix, gs://...: the prepared dataset in object storage, fetched shard by shard
+    # into `path` on first read (mosaicml-streaming's downloaders), checked like local shards
+    remote: str | None = None
     format: str = "mds"  # mds | webdataset
     num_workers: int = 0
     embedded: bool = False  # the digits: prepared into `path` on first use (a few seconds)
