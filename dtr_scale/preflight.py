@@ -74,7 +74,7 @@ def manifest_problems(cfg: TrainConfig, manifest: dict) -> list[str]:
 
 def data_problems(cfg: TrainConfig) -> list[str]:
     """The dataset the run will read is there, readable and fits the model."""
-    if cfg.data.kind != "shards" or getattr(cfg.data, "remote", None):
+    if cfg.data.kind != "shards" or cfg.data.remote:
         return []  # synthetic data is made in memory; remote shards are checked by their reader
     if will_prepare_digits(cfg):
         problem = writable_problem("data.path", cfg.data.path)
