@@ -74,9 +74,10 @@ def manifest_problems(cfg: TrainConfig, manifest: dict) -> list[str]:
 
 def data_problems(cfg: TrainConfig) -> list[str]:
     """The dataset the run will read is there, readable and fits the model."""
-    if cfg.data.kind != "shards" or cfg.data.remote:
-        return []  # synthetic data is made in memory; remote shards are checked by their reader
-    if will_prepare_digits(cfg):
+    if cfg.data.kind != "shards":
+        return []  # synthetic data is made in memory
+    # Shards fetched into data.path from data.remote (their reader checks them), or prepared there.
+    if cfg.data.remote or will_prepare_digits(cfg):
         problem = writable_problem("data.path", cfg.data.path)
         return [problem] if problem else []
     try:

@@ -155,3 +155,13 @@ def test_evaluating_beside_training_needs_its_reference_batch_before_training_st
     # A SLURM job nobody follows is scored by `dtr-scale eval` jobs: nothing to check at launch.
     slurm = {"kind": "slurm", "gpus_per_node": 0, "tasks_per_node": 1}
     assert launch_problems(config(tmp_path, eval={"inline": True}, cluster=slurm)) == []
+
+
+def test_a_remote_dataset_needs_a_writable_cache_not_a_local_manifest(tmp_path):
+    (tmp_path / "file").write_text("")
+    remote = {"kind": "shards", "path": str(tmp_path / "cache"), "remote": "s3://bucket/imagenet256"}
+    assert launch_problems(config(tmp_path, data=remote)) == []
+    blocked = remote | {"path": str(tmp_path / "file" / "cache")}
+    assert launch_problems(config(tmp_path, data=blocked)) == [
+        f"data.path={tmp_path / 'file' / 'cache'}: {tmp_path / 'file'} is a file, so no directory can be made under "
+        f"it; give another data.path"]
