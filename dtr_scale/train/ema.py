@@ -17,6 +17,5 @@ def make_ema(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     # ema <- decay * ema + (1 - decay) * model, over parameters (buffers are fixed tables)
-    ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+    # no_grad: the parameters are read as they are, without a detached view of each per step
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)

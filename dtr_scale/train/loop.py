@@ -233,13 +233,10 @@ def accumulate_gradients(backend: Backend, x0: torch.Tensor, y: torch.Tensor, dr
 def step_values(outs: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor, world: World) -> torch.Tensor:
     """The step's reported scalars as one device tensor, averaged over ranks by one all-reduce
     issued on the device (the host does not wait for it); the global gradient norm last."""
-    x = torch.cat([
-        torch.stack([o["loss"] for o in outs]).mean()[None],
-        torch.stack([o["mse"] + o["vb"] for o in outs]).mean()[None],
-        torch.stack([o["mse"] for o in outs]).mean()[None],
-        torch.stack([o["vb"] for o in outs]).mean()[None],
-        torch.stack([o["interval_losses"] for o in outs]).nanmean(0),
-    ]).detach().float()
+    # few small ops: on a small model each costs as much as the numbers it moves
+    scalars = torch.stack([torch.stack([o["loss"], o["mse"] + o["vb"], o["mse"], o["vb"]]) for o in outs]).mean(0)
+    intervals = torch.stack([o["interval_losses"] for o in outs]).nanmean(0)
+    x = torch.cat([scalars.float(), intervals.float()]).detach()
     if world.size > 1:
         dist.all_reduce(x)
         x /= world.size

@@ -76,7 +76,7 @@ def test_dtr_bench_overhead_pairs_each_loop_step_with_a_bare_step(tmp_path, step
 
     monkeypatch.setattr(bench_overhead, "bare_step", counting_bare)
     args = bench_overhead.main.__globals__["argparse"].Namespace(
-        rounds=1, steps=4, warmup=1, batch=8, depth=1, hidden_size=32, input_size=8, workdir=str(tmp_path))
+        rounds=1, steps=4, warmup=1, batch=8, depth=1, hidden_size=32, heads=4, input_size=8, workdir=str(tmp_path))
     loop_ms, bare_ms = bench_overhead.paired_step_ms(bench_overhead.bench_config(args, tmp_path / "run"), 1)
     assert steps_run == list(range(6))  # warmup + steps + 1: the last step closes the last timed interval
     assert bare_steps == list(range(6))  # one bare step right before each loop step
@@ -88,7 +88,7 @@ def test_dtr_bench_overhead_reports_median_spread_and_target(tmp_path):
 
     out = tmp_path / "overhead.json"
     done = subprocess.run([DTR_BENCH, "overhead", "--rounds", "3", "--steps", "4", "--warmup", "1", "--batch", "8",
-                           "--depth", "1", "--hidden-size", "32", "--out", str(out)],
+                           "--depth", "1", "--hidden-size", "32", "--input-size", "8", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
