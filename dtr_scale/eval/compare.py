@@ -7,7 +7,9 @@ e.g. the runs of the paper in miniature, three seeds each:
 Runs are grouped by the settings that differ between their configs (routing, weighting, ...)
 except the seed: a group is one configuration trained from several seeds, shown as the mean and
 standard deviation over its seeds at each step (a band in the plot). Only results with the same
-sampler settings are compared (the most common settings, unless told).
+sampler settings are compared (the most common settings, unless told), each evaluation protocol
+on its own (the full one first), and the main metric is also drawn against the GPU-hours the
+runs had trained (time to FID).
 """
 
 from __future__ import annotations
