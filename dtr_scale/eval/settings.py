@@ -121,8 +121,10 @@ class EvalSettings:
         return (step, averaging, *self.record_fields().values())
 
     def samples_folder(self, run_dir: str | Path, step: int, averaging: str) -> Path:
-        """RUN_DIR/eval/samples/step_00000200-ema-ddpm250-cfg1.5-<hash of all settings>."""
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        """RUN_DIR/eval/samples/step_00000200-ema-ddpm250-cfg1.5-<hash of the settings>. The protocol
+        is left out: it decides the scores, not the images (folders from before it existed stay valid)."""
+        drawn = {k: v for k, v in dataclasses.asdict(self).items() if k != "protocol"}
+        digest = hashlib.sha1(json.dumps(drawn, sort_keys=True).encode()).hexdigest()[:8]
         name = (f"step_{step:08d}-{averaging.replace(':', '')}-{self.sampler}{self.sampling_steps}"
                 f"-cfg{self.cfg_scale:g}-{digest}")
         return eval_dir(run_dir) / "samples" / name
