@@ -146,8 +146,8 @@ def test_model_name_alone_is_refused_naming_the_preset(tmp_path):
         "dtr-scale train: config error: model.name=DiT-XL/2: the name alone keeps the default model group's depth, "
         "width and latent size (model=tiny); select the preset with model=dit_xl2 instead\n")
     assert list(tmp_path.iterdir()) == []
-    with_group = run("plan", "model=dit_xl2", "model.name=DiT-XL/4", "--gpu", "h100", cwd=tmp_path)
-    assert with_group.returncode == 0 and "DiT-XL/4" in with_group.stdout  # on top of a chosen preset: allowed
+    with_group = run("train", "model=dit_xl2", "model.name=DiT-XL/4", "--cfg", "job", cwd=tmp_path)
+    assert with_group.returncode == 0 and "  name: DiT-XL/4\n  input_size: 32\n" in with_group.stdout  # on a preset
 
 
 def test_hydras_own_errors_are_one_line_exit_2_and_full_with_verbose(tmp_path):
