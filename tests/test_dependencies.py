@@ -4,6 +4,7 @@ optional module belongs to an extra that a missing-extra error names."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -63,6 +64,29 @@ def test_every_optional_module_belongs_to_an_extra_that_installs_it_and_all_has_
         assert why
     everything = Requirement(extras["all"][0]).extras
     assert everything == set(extras) - {"all", "dev"}
+
+
+def imported_modules(package: Path) -> set[str]:
+    """The top-level names of every absolute import in the package's source (read, not imported)."""
+    found = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found
+
+
+def test_every_module_the_code_imports_is_declared_not_borrowed_from_another_packages_dependencies():
+    """xxhash came with mosaicml-streaming and yaml with hydra: a release of either that drops them
+    would break an install that pip calls consistent."""
+    third_party = imported_modules(ROOT / "dtr_scale") - set(sys.stdlib_module_names) - {"dtr_scale"}
+    distributions, base = packages_distributions(), set(requirements())
+    undeclared = {module for module in third_party - set(EXTRAS)
+                  if not {canonicalize_name(d) for d in distributions.get(module, [])} & base}
+    assert {"torch", "streaming", "xxhash", "yaml"} <= third_party  # the scan sees what the code imports
+    assert undeclared == set()
 
 
 def test_the_base_install_leaves_out_what_only_digits_nash_and_benchmarks_need():
