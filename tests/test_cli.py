@@ -123,6 +123,10 @@ finally:
     (["train", "routing.beta=0"], 2),  # a value the schema refuses
     (["train", "data.embedded=false", "data.path=nowhere"], 2),  # a launch check
     (["train", "model=dit_xxl"], 2),  # Hydra's own composition error
+    (["plan", "--help"], 0),
+    (["plan", "--cfg", "job"], 0),
+    (["plan", "global_batch_size=257"], 2),  # the typed config's check, before the planner is imported
+    (["plan", "model=dit_xxl"], 2),
 ])
 def test_help_the_config_and_config_errors_answer_without_importing_torch(args, code, tmp_path):
     """Login nodes: these answer in a fraction of the 3 s that importing torch and DCP takes."""

@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     flags, rest = split_flags(parser, sys.argv[1:] if argv is None else argv)
 
     def plan(raw: DictConfig) -> None:
+        cfg = config_or_exit(raw, "plan")  # before the planner's imports: a config error needs no torch
         from dtr_scale.plan.report import plan_main
 
-        code = plan_main(config_or_exit(raw, "plan"), flags.gpu)
+        code = plan_main(cfg, flags.gpu)
         if code:
             sys.exit(code)
 
