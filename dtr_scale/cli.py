@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 
@@ -74,6 +75,23 @@ def _status() -> None:
     sys.exit(1 if status["state"] == "failed" else 0)
 
 
+def export_source_problem(path: Path) -> str | None:
+    """Why `path` is neither a checkpoint directory (RUN/checkpoints/step_N, beside the run's
+    manifest) nor a run directory, or None. Whether the checkpoint is complete is checked later."""
+    from dtr_scale.train.manifest import MANIFEST
+
+    wanted = ("name a checkpoint directory (RUN/checkpoints/step_N) or a run directory (RUN: its latest "
+              "complete checkpoint is exported)")
+    if not path.exists():
+        return f"{path} does not exist; {wanted}"
+    if not path.is_dir():
+        return f"{path} is a file, not a checkpoint; {wanted}"
+    if (path / "checkpoints").is_dir() or (path.parent.name == "checkpoints" and (path.parent / MANIFEST).is_file()):
+        return None
+    return (f"{path} is neither a checkpoint directory (its parent is no run's checkpoints/ with {MANIFEST}) "
+            f"nor a run directory (it has no checkpoints/); {wanted}")
+
+
 def _export() -> None:
     parser = argparse.ArgumentParser(prog="dtr-scale export", description="Write a checkpoint's EMA weights with "
                                      "the official DiT parameter names: OUT.safetensors, and OUT.pt beside it, which "
@@ -82,8 +100,10 @@ def _export() -> None:
     parser.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run dir (its latest)")
     parser.add_argument("out", help="the .safetensors file to write (the .pt goes beside it)")
     args = parser.parse_args()
-    from pathlib import Path
-
+    problem = export_source_problem(Path(args.checkpoint))
+    if problem:  # before torch: a wrong path is named at once, never blamed on a crash while writing
+        print(f"dtr-scale export: {problem}", file=sys.stderr)
+        sys.exit(2)
     from dtr_scale.eval.sample import dit_checkpoint_path, export_ema
     from dtr_scale.train.checkpoint import CheckpointError, latest_checkpoint
 

@@ -63,3 +63,37 @@ def test_an_export_not_named_safetensors_is_refused_before_anything_is_written(t
         export_ema(checkpoint_at(trained_run, 250), tmp_path / "ema.pt")
     assert list(tmp_path.iterdir()) == []
     assert dit_checkpoint_path(tmp_path / "a.safetensors") == tmp_path / "a.pt"
+
+
+# torch blocked: the path is checked before anything heavy is imported, so a wrong one is named at once.
+EXPORT_WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None
+sys.argv = ["dtr-scale", "export", *sys.argv[1:]]
+from dtr_scale.cli import main
+main()
+"""
+
+
+def not_a_checkpoint(kind: str, tmp_path):
+    """A path a user might pass by mistake: missing, a weights file, a lone step_N folder."""
+    if kind == "file":
+        (tmp_path / "weights.pt").write_bytes(b"not a checkpoint")
+        return tmp_path / "weights.pt"
+    if kind == "folder":
+        (tmp_path / "step_00000010").mkdir()
+        return tmp_path / "step_00000010"
+    return tmp_path / "absent"
+
+
+@pytest.mark.parametrize("kind, what", [("missing", "does not exist"), ("file", "is a file, not a checkpoint"),
+                                        ("folder", "is neither a checkpoint directory")])
+def test_a_path_that_is_no_checkpoint_nor_run_is_named_exit_2_and_nothing_written(kind, what, tmp_path):
+    source, out = not_a_checkpoint(kind, tmp_path), tmp_path / "out" / "ema.safetensors"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", EXPORT_WITHOUT_TORCH, str(source), str(out)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"dtr-scale export: {source} {what}") and "RUN/checkpoints/step_N" in line
+    assert list(out.parent.iterdir()) == []
