@@ -20,8 +20,8 @@ import torch
 
 from dtr_scale.config import TrainConfig, parse_averaging
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import (CheckpointInfo, complete_checkpoints, open_checkpoint, read_weights,
-                                        require_complete)
+from dtr_scale.train.backends import read_weights
+from dtr_scale.train.checkpoint import CheckpointInfo, complete_checkpoints, open_checkpoint, require_complete
 from dtr_scale.train.components import build_model
 from dtr_scale.train.phema import (SNAPSHOT_GLOB, MissingSnapshotsError, average_state_dicts, read_snapshots,
                                    reconstruct, require_snapshots, snapshot_dir, std_to_exp)

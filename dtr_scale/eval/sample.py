@@ -10,7 +10,8 @@ from dtr_scale.config import TrainConfig
 from dtr_scale.diffusion.sampling import sample_latents
 from dtr_scale.io import atomic_write
 from dtr_scale.models import DiT
-from dtr_scale.train.checkpoint import open_checkpoint, read_weights
+from dtr_scale.train.backends import read_weights
+from dtr_scale.train.checkpoint import open_checkpoint
 from dtr_scale.train.components import build_diffusion, build_model
 
 

@@ -32,7 +32,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
@@ -300,10 +299,3 @@ def open_checkpoint(path: str | Path, *, verify: bool = True) -> CheckpointInfo:
         require_complete(path)
     return CheckpointInfo(path, read_meta(path))
 
-
-def read_weights(path: str | Path, which: str) -> dict[str, torch.Tensor]:
-    """The whole model weights `which` ("ema" or "raw") of checkpoint `path`, read by the backend
-    that wrote it (`train.backends.read_weights`, where the evaluator's callers should import it from)."""
-    from dtr_scale.train.backends import read_weights as read_backend_weights
-
-    return read_backend_weights(path, which)
