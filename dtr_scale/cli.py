@@ -7,7 +7,7 @@
     dtr-scale status RUN_DIR                          jobs, checkpoint, throughput, provenance, results
     dtr-scale compare RUN_DIR... | SWEEP_DIR          several runs' results: one table, one plot
     dtr-scale export CHECKPOINT OUT.safetensors       the EMA weights for a vanilla DiT
-    dtr-scale sample weights=PATH [classes=[1,2]] ... a PNG grid and ADM .npz from any DiT weights
+    dtr-scale sample --weights PATH [classes=[1,2]] ... a PNG grid and ADM .npz from any DiT weights
     dtr-scale --version
 
 `dtr-scale SUBCOMMAND --help` shows each one's options. train, eval and plan share

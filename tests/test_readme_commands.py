@@ -230,7 +230,7 @@ COMMANDS: dict[str, Runner] = {
     "dtr-scale status RUN_DIR jobs, requeues, checkpoint, throughput, results": help_of,
     "dtr-scale compare RUN_DIR... | SWEEP_DIR several runs in one table and one plot": help_of,
     "dtr-scale export CHECKPOINT|RUN_DIR OUT.safetensors": help_of,
-    "dtr-scale sample weights=PATH [overrides] images from any weights: a grid and an ADM npz": help_of,
+    "dtr-scale sample --weights PATH [overrides] images from any weights: a grid and an ADM npz": help_of,
     "dtr-scale train model=dit_l2 routing=dtr weighting=ant_uw global_batch_size=256 world_size=8 "
     "backend=fsdp backend.precision=bf16 device=cuda cluster=my_slurm": composed_and_planned,
     "dtr-scale train --cfg job": shown_config,
@@ -249,9 +249,9 @@ COMMANDS: dict[str, Runner] = {
     "data=imagenet256 diffusion.guided_channels=first3 eval.labels=random eval.num_samples=50000 "
     "eval.reference=VIRTUAL_imagenet256_labeled.npz eval.inception=pt_inception-2015-12-05-6726825d.pth "
     "device=cuda run_dir=runs/dit_xl2_released": help_of,
-    "dtr-scale sample weights=DiT-XL-2-256x256.pt model=dit_xl2 routing=none autoencoder=sd-vae-ft-ema "
-    "classes=[207,360,387,974] num_samples=8 cfg_scale=4.0 sampler=ddpm steps=250 seed=0 out=samples/xl2 "
-    "device=cuda": help_of,
+    "dtr-scale sample --weights DiT-XL-2-256x256.pt --autoencoder sd-vae-ft-ema model=dit_xl2 routing=none "
+    "classes=[207,360,387,974] num_samples=8 diffusion.cfg_scale=4.0 diffusion.sampler=ddpm "
+    "diffusion.sampling_steps=250 seed=0 out=samples/xl2 device=cuda": help_of,
     # Launching the way clusters do: the config each rank composes
     "torchrun --standalone --nproc_per_node=8 --no-python dtr-scale train cluster=none world_size=8 "
     "run_dir=runs/my_run experiment=dtr_paper/dit_l2_dtr_antuw_2m": shown_config,
@@ -268,6 +268,8 @@ COMMANDS: dict[str, Runner] = {
     "dtr-bench data": help_of,
     "dtr-bench reliability": help_of,
     "dtr-bench gpu": help_of,
+    "dtr-bench overhead": help_of,
+    "dtr-bench scale --fraction 0.05": help_of,  # tests/test_bench_scale.py runs it at a tiny fraction
     # The user's path through the rest of README's text (lines README is to show as commands)
     "dtr-scale train cluster=none world_size=1 steps=200": in_process,
     "dtr-scale train run_dir=RUN steps=5000": resumed,

@@ -2,21 +2,24 @@
 (per-index seeds, chunks resumed after an interruption, any number of processes), as a PNG
 grid, an ADM `.npz` and DiT's sample_ddp.py layout.
 
-    dtr-scale sample weights=DiT-XL-2-256x256.pt model=dit_xl2 autoencoder=sd-vae-ft-ema \
-        classes=[207,360,387,974] num_samples=8 cfg_scale=4.0 steps=250 out=samples/xl2
-    dtr-scale sample weights=runs/my_run classes=balanced num_samples=40       # a run: its latest EMA
-    dtr-scale sample weights=tiny.pt model=tiny autoencoder=pixel classes=random sampler=ddim steps=50
-    dtr-scale sample weights=runs/my_run classes=random num_samples=50000 world_size=8 device=cuda
+    dtr-scale sample --weights DiT-XL-2-256x256.pt --autoencoder sd-vae-ft-ema model=dit_xl2 \
+        classes=[207,360,387,974] num_samples=8 diffusion.cfg_scale=4.0 diffusion.sampling_steps=250 out=samples/xl2
+    dtr-scale sample --weights runs/my_run classes=balanced num_samples=40       # a run: its latest EMA
+    dtr-scale sample --weights tiny.pt --autoencoder pixel model=tiny classes=random diffusion.sampler=ddim
+    dtr-scale sample --weights runs/my_run classes=random num_samples=50000 world_size=8 device=cuda
+
+The weights and their autoencoder are flags, as in `dtr-scale eval --weights`; the sampler is
+the training config's own keys, as everywhere else (diffusion.sampler, diffusion.sampling_steps,
+diffusion.cfg_scale, diffusion.guided_channels: `steps=` means training steps in this project).
+    --weights     a .pt / .safetensors file (official DiT names), a checkpoint dir or a run dir  (required)
+    --autoencoder pixel, sd-vae-ft-ema, ... (default: the one the config's shards were encoded with)
 
 Own keys (the rest are the training config's overrides, group=option or key=value, which
 name the model a weights file holds; a checkpoint brings its own config):
-    weights       a .pt / .safetensors file (official DiT names), a checkpoint dir or a run dir  (required)
     classes       a list [1,2,...] (cycled over the samples), balanced (i % classes) or random  [balanced]
                   (random: one seeded draw for all samples, as the evaluator and DiT's sample_ddp)
     num_samples   how many images                                                             [16]
-    cfg_scale, sampler (ddpm|ddim), steps     default: the config's diffusion settings
     seed          sample i draws its noise from (seed, i), as the evaluator does              [0]
-    autoencoder   pixel, sd-vae-ft-ema, ... (default: the one the config's shards were encoded with)
     out           output folder                                                               [samples]
     device        cpu | cuda (process r of world_size uses GPU r)                             [cpu]
     world_size    sampling processes started here; under torchrun / srun (RANK, WORLD_SIZE set)
@@ -30,7 +33,6 @@ the same command again after an interruption: the chunks on disk are kept, the r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -47,19 +49,35 @@ from dtr_scale.eval.settings import SampleSpec
 from dtr_scale.train.components import build_diffusion
 
 log = logging.getLogger("dtr_scale")
-SAMPLE_KEYS = {"weights": None, "classes": "balanced", "num_samples": 16, "cfg_scale": None, "sampler": None,
-               "steps": None, "seed": 0, "autoencoder": None, "out": "samples", "device": "cpu", "batch_size": 64,
+SAMPLE_KEYS = {"classes": "balanced", "num_samples": 16, "seed": 0, "out": "samples", "device": "cpu", "batch_size": 64,
                "world_size": 1}
+FLAGS = ("--weights", "--autoencoder")
+# Spellings this command once took, and the one spelling each has now (the same as train's and eval's).
+RENAMED = {"weights": "--weights PATH", "autoencoder": "--autoencoder NAME", "steps": "diffusion.sampling_steps=N",
+           "sampler": "diffusion.sampler=ddpm|ddim", "cfg_scale": "diffusion.cfg_scale=S"}
 PNG_FOLDER = "samples"  # DiT's sample_ddp.py: FOLDER/000000.png ... beside FOLDER.npz
 
 
 def split_arguments(args: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """(the sample command's own key=value settings with defaults, the config overrides)."""
-    own = [arg for arg in args if arg.split("=", 1)[0] in SAMPLE_KEYS]
-    rest = [arg for arg in args if arg not in own]
-    options = {**SAMPLE_KEYS, **OmegaConf.to_container(OmegaConf.from_dotlist(own))}
+    """(the command's flags and own key=value settings with defaults, the config overrides)."""
+    flags, words = {flag[2:]: None for flag in FLAGS}, []
+    it = iter(args)
+    for arg in it:
+        name, eq, value = arg.partition("=")
+        if name in FLAGS:
+            flags[name[2:]] = value if eq else next(it, None)
+            if not flags[name[2:]]:
+                raise ConfigError(f"{name}: give it a value, e.g. {name} {RENAMED[name[2:]].split()[1]}")
+        elif name.lstrip("+~") in RENAMED:
+            raise ConfigError(f"{arg}: sample takes {RENAMED[name.lstrip('+~')]} "
+                              f"(one spelling for train, eval and sample)")
+        else:
+            words.append(arg)
+    own = [arg for arg in words if arg.split("=", 1)[0] in SAMPLE_KEYS]
+    rest = [arg for arg in words if arg not in own]
+    options = {**SAMPLE_KEYS, **flags, **OmegaConf.to_container(OmegaConf.from_dotlist(own))}
     if not options["weights"]:
-        raise ConfigError("weights: name the weights to sample from, e.g. weights=DiT-XL-2-256x256.pt model=dit_xl2")
+        raise ConfigError("--weights: name the weights to sample from, e.g. --weights DiT-XL-2-256x256.pt model=dit_xl2")
     return options, rest
 
 
@@ -86,13 +104,6 @@ def labels_of(classes: Any, num_classes: int) -> tuple[str, tuple[int, ...]]:
     return "classes", tuple(chosen)
 
 
-def with_sampler(cfg: TrainConfig, options: dict[str, Any]) -> TrainConfig:
-    """cfg with the sampler settings the command line names."""
-    chosen = {"cfg_scale": options["cfg_scale"], "sampler": options["sampler"], "sampling_steps": options["steps"]}
-    return dataclasses.replace(cfg, diffusion=dataclasses.replace(
-        cfg.diffusion, **{k: v for k, v in chosen.items() if v is not None}))
-
-
 def sample_spec(options: dict[str, Any], model_cfg: TrainConfig, cfg: TrainConfig) -> SampleSpec:
     """What to draw: the model's classes and latent shape, the command's counts and cfg's sampler."""
     m, d = model_cfg.model, cfg.diffusion
@@ -117,7 +128,7 @@ def rank_device(device: str, rank: int) -> torch.device:
 def sample_rank(rank: int, world_size: int, options: dict[str, Any], overrides: list[str]) -> Path | None:
     """This process's share of the chunks (rank, rank + world_size, ...) into OUT; rank 0 then
     waits for the others' and merges them (OUT/samples.npz, OUT/grid.png), whose path it returns."""
-    cfg = with_sampler(compose_config(overrides, str(options["out"])), options)
+    cfg = compose_config(overrides, str(options["out"]))
     model, model_cfg = model_from_weights(options["weights"], cfg)
     device = rank_device(str(options["device"]), rank)
     d = cfg.diffusion
@@ -152,7 +163,7 @@ def write_png_folder(npz: str | Path, folder: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
-        print(f"usage: dtr-scale sample weights=PATH [own keys] [key=value ...] [group=option ...]\n\n{__doc__}")
+        print(f"usage: dtr-scale sample --weights PATH [--autoencoder NAME] [own keys] [key=value ...] [group=option ...]\n\n{__doc__}")
         return
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:

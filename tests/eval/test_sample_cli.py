@@ -13,7 +13,7 @@ from PIL import Image
 from dtr_scale.config import ConfigError
 from dtr_scale.eval.generate import class_labels, generate_chunks, indexed_noise
 from dtr_scale.eval.released import model_from_weights
-from dtr_scale.eval.sample_cli import compose_config, labels_of, main, sample_spec, split_arguments, with_sampler
+from dtr_scale.eval.sample_cli import compose_config, labels_of, main, sample_spec, split_arguments
 from dtr_scale.eval.settings import SampleSpec
 from dtr_scale.models.weights import load_dit_weights
 from dtr_scale.train.components import build_diffusion, build_model
@@ -46,9 +46,10 @@ def expected_images(weights, labels, steps, cfg_scale, seed):
 
 def test_sample_command_writes_the_grid_and_adm_npz_for_chosen_classes(tmp_path, official_pt):
     out = tmp_path / "samples"
-    done = subprocess.run([DTR_SCALE, "sample", f"weights={official_pt}", "model=tiny", "routing=none",
-                           "classes=[3,7]", "num_samples=4", "cfg_scale=2.0", "sampler=ddim", "steps=4", "seed=11",
-                           "autoencoder=pixel", f"out={out}"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([DTR_SCALE, "sample", "--weights", str(official_pt), "--autoencoder", "pixel", "model=tiny",
+                           "routing=none", "classes=[3,7]", "num_samples=4", "diffusion.cfg_scale=2.0",
+                           "diffusion.sampler=ddim", "diffusion.sampling_steps=4", "seed=11", f"out={out}"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     with np.load(out / "samples.npz") as npz:
         images, labels = npz["arr_0"], npz["arr_1"]
@@ -60,7 +61,18 @@ def test_sample_command_writes_the_grid_and_adm_npz_for_chosen_classes(tmp_path,
 
 def test_sample_command_without_weights_says_what_to_pass(tmp_path):
     done = subprocess.run([DTR_SCALE, "sample", "model=tiny"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "weights=" in done.stderr
+    assert done.returncode == 2 and "--weights" in done.stderr
+
+
+@pytest.mark.parametrize("old, new", [("weights=w.pt", "--weights PATH"), ("steps=250", "diffusion.sampling_steps=N"),
+                                      ("sampler=ddim", "diffusion.sampler="), ("cfg_scale=4", "diffusion.cfg_scale=S"),
+                                      ("autoencoder=pixel", "--autoencoder NAME")])
+def test_the_old_spellings_are_refused_naming_the_one_spelling(old, new, tmp_path):
+    # steps= is training steps everywhere else: silently taking it as sampling steps here misled users
+    done = subprocess.run([DTR_SCALE, "sample", "--weights", "w.pt", old, f"out={tmp_path}"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and new in done.stderr and old in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_classes_setting_names_the_evaluators_labels():
@@ -76,8 +88,8 @@ def test_the_classes_setting_names_the_evaluators_labels():
 
 def test_sampling_on_two_processes_gives_the_one_process_images_and_dits_layout(tmp_path, official_pt):
     # the evaluator's path: per-index seeds, so the split over processes changes nothing
-    common = [f"weights={official_pt}", "model=tiny", "routing=none", "classes=random", "num_samples=10",
-              "batch_size=3", "sampler=ddim", "steps=3", "seed=2", "autoencoder=pixel"]
+    common = [f"--weights={official_pt}", "--autoencoder", "pixel", "model=tiny", "routing=none", "classes=random",
+              "num_samples=10", "batch_size=3", "diffusion.sampler=ddim", "diffusion.sampling_steps=3", "seed=2"]
     one, two = tmp_path / "one", tmp_path / "two"
     for out, world_size in ((one, 1), (two, 2)):
         done = subprocess.run([DTR_SCALE, "sample", *common, f"world_size={world_size}", f"out={out}"],
@@ -100,10 +112,10 @@ def test_sampling_on_two_processes_gives_the_one_process_images_and_dits_layout(
 
 
 def test_an_interrupted_sampling_resumes_from_its_chunks(tmp_path, official_pt):
-    args = [f"weights={official_pt}", "model=tiny", "routing=none", "classes=balanced", "num_samples=6",
-            "batch_size=3", "sampler=ddim", "steps=2", "autoencoder=pixel", f"out={tmp_path}"]
+    args = ["--weights", str(official_pt), "--autoencoder", "pixel", "model=tiny", "routing=none", "classes=balanced",
+            "num_samples=6", "batch_size=3", "diffusion.sampler=ddim", "diffusion.sampling_steps=2", f"out={tmp_path}"]
     options, overrides = split_arguments(args)
-    cfg = with_sampler(compose_config(overrides, str(tmp_path)), options)
+    cfg = compose_config(overrides, str(tmp_path))
     model, model_cfg = model_from_weights(official_pt, cfg)
     spec = sample_spec(options, model_cfg, cfg)
     generate_chunks(model, build_diffusion(model_cfg).respaced(2, "ddim"), spec, tmp_path,
@@ -115,7 +127,7 @@ def test_an_interrupted_sampling_resumes_from_its_chunks(tmp_path, official_pt):
 
 def test_sample_is_listed_and_has_help():
     listed = subprocess.run([DTR_SCALE], capture_output=True, text=True, timeout=120)
-    assert "dtr-scale sample weights=PATH" in listed.stdout
+    assert "dtr-scale sample --weights PATH" in listed.stdout
     done = subprocess.run([DTR_SCALE, "sample", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "classes" in done.stdout and "autoencoder" in done.stdout
 
@@ -123,6 +135,6 @@ def test_sample_is_listed_and_has_help():
 def test_sampling_on_gpus_where_there_are_none_says_so(tmp_path, official_pt, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, GPUs or not
     with pytest.raises(SystemExit) as exit_:
-        main([f"weights={official_pt}", "model=tiny", "routing=none", "device=cuda", "world_size=2", f"out={tmp_path}"])
+        main(["--weights", str(official_pt), "model=tiny", "routing=none", "device=cuda", "world_size=2", f"out={tmp_path}"])
     assert exit_.value.code == 2 and "device=cuda, but no GPU is visible here" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
