@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from dtr_scale.command_line import flag_parser, run_hydra, split_flags
+from dtr_scale.command_line import exit_config_error, flag_parser, run_hydra, split_flags
 from dtr_scale.config import ConfigError, TrainConfig, to_train_config
 from dtr_scale.eval.evaluate import preflight
 from dtr_scale.eval.saved_config import saved_run_config
@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_command(raw: DictConfig, args: argparse.Namespace) -> None:
     if args.weights:  # a weights file is scored as the config names it, not with a run's saved config
         from dtr_scale.eval.released import evaluate_weights_command
+        from dtr_scale.models.weights import WeightsFileError
 
         try:
             evaluate_weights_command(to_train_config(raw), args.weights, args.autoencoder)
-        except (ConfigError, EvaluationError, FileNotFoundError, ValueError) as err:
+        except (ConfigError, FileNotFoundError, WeightsFileError) as err:  # found before anything is sampled
+            exit_config_error("eval", err)
+        except (EvaluationError, ValueError) as err:
             sys.exit(f"dtr-scale eval: {err}")
         return
     try:

@@ -28,7 +28,7 @@ from dtr_scale.eval.results import append_result, find_result, log_to_wandb, rea
 from dtr_scale.eval.sample import load_model
 from dtr_scale.eval.settings import EvalSettings
 from dtr_scale.models import DiT
-from dtr_scale.models.weights import load_dit_weights
+from dtr_scale.models.weights import dit_state_dict, load_dit_weights
 from dtr_scale.train.checkpoint import latest_checkpoint
 from dtr_scale.train.components import build_diffusion, build_model
 
@@ -53,10 +53,13 @@ def run_checkpoint(path: Path) -> Path | None:
 def model_from_weights(weights: str | Path, cfg: TrainConfig) -> tuple[DiT, TrainConfig]:
     """The model (eval mode, CPU) with `weights`, and the config it was built from: a checkpoint's
     own config, or `cfg` (its model, routing and diffusion) for a weights file."""
-    checkpoint = run_checkpoint(Path(weights).expanduser())
+    path = Path(weights).expanduser()
+    checkpoint = run_checkpoint(path)
     if checkpoint is not None:
         return load_model(checkpoint, use_ema=True)
-    return load_dit_weights(build_model(cfg, load_init=False), Path(weights).expanduser()).eval(), cfg
+    # Read (and refused if missing, foreign or unsafe) before the model is built: DiT-XL/2 takes ~12 s.
+    state = dit_state_dict(path)
+    return load_dit_weights(build_model(cfg, load_init=False), path, state).eval(), cfg
 
 
 def weights_decoder(cfg: TrainConfig, device: torch.device, autoencoder: str | None = None) -> Decoder:

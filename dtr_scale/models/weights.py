@@ -61,7 +61,9 @@ def load_weights_file(path: str | Path, *, what: str = "weights") -> object:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
+        # Only a pickled class or function ("Unsupported global") needs the unrestricted unpickler; any
+        # other refusal (a web page saved as .pt, garbage bytes: "Unsupported operand") is no weights file.
+        if "unsupported global" not in str(err).lower():
             raise WeightsFileError(f"{what} file {path} is not a readable torch or safetensors file ({err}); "
                                    "re-download it") from err
         raise UnsafeWeightsError(f"{what} file {path} is refused: reading it needs an unpickler that can run code "
@@ -93,11 +95,11 @@ def dit_state_dict(path: str | Path) -> StateDict:
     return dict(contents)
 
 
-def load_dit_weights(model: nn.Module, path: str | Path) -> nn.Module:
+def load_dit_weights(model: nn.Module, path: str | Path, state: StateDict | None = None) -> nn.Module:
     """Load `path` into `model` strictly: every official name present, nothing else, same shapes.
     The routing tables are not in the state dict (the config rebuilds them), so one file fits a
-    vanilla and a routed model alike."""
-    state = dit_state_dict(path)
+    vanilla and a routed model alike. `state`: dit_state_dict(path), where the caller read it already."""
+    state = dit_state_dict(path) if state is None else state
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong_shape = sorted(name for name in set(state) & set(own) if state[name].shape != own[name].shape)

@@ -4,6 +4,8 @@ start training (model.init_from)."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +145,36 @@ def test_a_run_or_checkpoint_directory_gives_its_latest_ema_and_own_config(train
         model, cfg = model_from_weights(weights, tiny_config(tmp_path))  # the checkpoint's config wins
         assert cfg.model == run_cfg.model
         assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# `dtr-scale eval` with the model builder replaced: building the model before the file is checked fails loudly.
+EVAL_WITHOUT_BUILDING = """
+import sys
+import dtr_scale.eval.released as released
+
+def never(*args, **kwargs):
+    raise AssertionError("the model was built before the weights file was checked")
+
+released.build_model = never
+sys.argv = ["dtr-scale", "eval", *sys.argv[1:]]
+from dtr_scale.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("kind, named", [("text", "is not a readable torch or safetensors file"),
+                                         ("pickle", "is refused: reading it needs an unpickler that can run code")])
+def test_a_bad_weights_file_is_named_exit_2_before_the_model_is_built(kind, named, tmp_path, official_pt):
+    path, state = tmp_path / "DiT-XL-2-256x256.pt", official_pt[1]
+    marker = tmp_path / "payload_ran"
+    if kind == "text":
+        path.write_text("<html>404 Not Found</html>")  # what a failed download leaves
+    else:
+        torch.save({**state, "x_embedder.proj.bias": CreatesMarker(marker)}, path)
+    done = subprocess.run([sys.executable, "-c", EVAL_WITHOUT_BUILDING, "--weights", str(path), "model=dit_xl2",
+                           f"run_dir={tmp_path / 'out'}", "logging.wandb=disabled"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"dtr-scale eval: config error: DiT weights file {path} {named}")
+    assert not marker.exists() and not (tmp_path / "out").exists()
