@@ -249,6 +249,7 @@ class LoggingConfig:
     every: int = 50  # steps
     wandb: str = "offline"  # offline | online | disabled
     project: str = "dtr-scale"
+    tensorboard: bool = False  # also write the metrics as TensorBoard events into RUN_DIR/tensorboard
 
     def __post_init__(self) -> None:
         _choice(self.wandb, "logging.wandb", ("offline", "online", "disabled"))
@@ -426,6 +427,9 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig | None = None  # null: train in this process; else submit through submitit
     run_dir: str = "runs/default"
+    # Resume from this checkpoint instead of the latest: STEP (RUN_DIR/checkpoints/step_STEP) or the
+    # path of a checkpoint directory, possibly of another run (dtr_scale/train/resume_from.py)
+    resume_from: str | None = None
     seed: int = 0
     steps: int = 1000
     global_batch_size: int = 256
@@ -438,6 +442,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(self.resume_from is None or self.resume_from.strip() != "", "resume_from",
+                 "is empty: give a checkpoint's step (resume_from=2000) or its directory, or leave it out")
         _require(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         _require(self.global_batch_size % self.world_size == 0, "global_batch_size",
                  f"{self.global_batch_size} is not divisible by world_size={self.world_size}")

@@ -33,6 +33,7 @@ from dtr_scale.command_line import exit_config_error, run_hydra
 from dtr_scale.config import ConfigError, TrainConfig, resume_changes, to_train_config
 from dtr_scale.preflight import check_launch, data_problems, will_prepare_digits
 from dtr_scale.train.manifest import latest_checkpoint, read_meta
+from dtr_scale.train.resume_from import check_resume_from, in_run, start_from
 
 if TYPE_CHECKING:
     import submitit
@@ -162,20 +163,37 @@ def run_training(cfg: TrainConfig) -> None:
 
 
 def check_resume(cfg: TrainConfig) -> None:
-    """Resuming run_dir: refuse a setting its checkpoints were not trained with (ConfigError
-    naming each), and log the harmless changes (steps, evaluation, cluster, ...)."""
-    newest = latest_checkpoint(cfg.run_dir)
-    if newest is None:
+    """Resuming run_dir (from its latest checkpoint, or resume_from's): refuse a setting the
+    checkpoint was not trained with (ConfigError naming each), and log the harmless changes
+    (steps, evaluation, cluster, ...). Another run's checkpoint (resume_from=PATH) joins this
+    run's own earlier ones, so both must match."""
+    chosen, newest = check_resume_from(cfg), latest_checkpoint(cfg.run_dir)
+    if chosen is not None and in_run(chosen, cfg.run_dir):
+        newest = None
+    if chosen is None and newest is None:
         return
     from dtr_scale.train.components import config_to_dict
 
-    breaking, harmless = resume_changes(read_meta(newest)["config"], config_to_dict(cfg))
-    for change in harmless:
-        log.info("resuming %s with a changed %s", cfg.run_dir, change)
-    if breaking:
-        raise ConfigError(f"run_dir {cfg.run_dir} was trained to {newest.name} with other settings, and a resume "
-                          f"must keep them; this command changes {'; '.join(breaking)}. Set them back (or drop "
-                          f"those overrides), or give a new run_dir to start a new run")
+    for source in (chosen, newest):
+        if source is None:
+            continue
+        breaking, harmless = resume_changes(read_meta(source)["config"], config_to_dict(cfg))
+        for change in harmless:
+            log.info("resuming %s with a changed %s", cfg.run_dir, change)
+        what = (f"resume_from={cfg.resume_from}: {source} was trained" if source == chosen else
+                f"run_dir {cfg.run_dir} was trained to {source.name}")
+        if breaking:
+            raise ConfigError(f"{what} with other settings, and a resume must keep them; this command changes "
+                              f"{'; '.join(breaking)}. Set them back (or drop those overrides), or give a new "
+                              f"run_dir to start a new run")
+
+
+def launched_rank() -> int:
+    """This process's rank where a launcher (torchrun, srun) placed it in a world; else 0."""
+    from dtr_scale.launch.environment import launched_world
+
+    launched = launched_world()
+    return 0 if launched is None else int(launched["RANK"])
 
 
 def checked_config(raw: DictConfig) -> TrainConfig:
@@ -218,6 +236,8 @@ def train_command(raw: DictConfig) -> None:
 
     try:
         cfg = checked_config(raw)
+        if launched_rank() == 0:  # once per run: torchrun's other ranks find it applied
+            start_from(cfg)  # resume_from: the chosen checkpoint becomes the latest, the later ones moved aside
     except ConfigError as err:
         exit_config_error("train", err)
     try:
