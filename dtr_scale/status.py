@@ -14,7 +14,7 @@ from dtr_scale.launch.ledger import ledger_path, read_status
 from dtr_scale.provenance import format_provenance, read_provenance
 from dtr_scale.train.manifest import latest_checkpoint, read_meta
 from dtr_scale.train.metrics import last_logged
-from dtr_scale.train.progress import format_clock, progress, progress_text, throughput_text
+from dtr_scale.train.progress import format_clock, loss_text, progress, progress_text, throughput_text
 
 
 def run_status(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def format_status(status: dict[str, Any], results: str | None = None) -> str:
     last = status["last_logged"]
     if last:
         per_device = throughput_text(last)
-        lines.append(f"training   step {last['step']}, loss {last['loss']:.4f}, {last['images_per_s']:.1f} images/s"
+        lines.append(f"training   step {last['step']}, {loss_text(last)}, {last['images_per_s']:.1f} images/s"
                      f"{f' ({per_device})' if per_device else ''}, {last['images_seen']} images seen")
     lines += progress_lines(status)
     lines += format_provenance(status.get("provenance", []))

@@ -50,10 +50,12 @@ def test_status_shows_percent_eta_and_the_last_evaluation(running):
 def test_status_shows_images_per_device_and_mfu_of_the_last_record(running):
     run_dir, logged = running
     with open(metrics_path(run_dir), "a") as f:
-        f.write(json.dumps({"step": 400, "loss": 0.5, "images_seen": 25600, "images_per_s": 1280.0, "total_steps": 1200,
+        f.write(json.dumps({"step": 400, "loss": -20.15, "mse": 0.125, "images_seen": 25600, "images_per_s": 1280.0, "total_steps": 1200,
                             "images_per_s_per_device": 640.0, "mfu": 0.4606, "time": logged}) + "\n")
     text = format_status(run_status(run_dir, now=logged))
-    assert "training   step 400, loss 0.5000, 1280.0 images/s (640.0 images/s per device, MFU 46.1%)" in text
+    # the mean MSE first (comparable across runs), the ANT-UW objective labelled as such
+    assert ("training   step 400, mse 0.1250, objective -20.1500, 1280.0 images/s (640.0 images/s per device, "
+            "MFU 46.1%)") in text
 
 
 def test_a_finished_or_failed_job_shows_no_eta(running):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dtr_scale.launch.ledger import ledger_path, read_records, read_status
 from dtr_scale.train.metrics import last_logged
+from dtr_scale.train.progress import loss_fields
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _progress(run_dir: Path, bar: tqdm) -> None:
     last = last_logged(run_dir)
     if last is not None:
         bar.update(last["step"] - bar.n)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
+        bar.set_postfix(loss_fields(last), img_s=f"{last['images_per_s']:.0f}", refresh=False)
     if ledger_path(run_dir).exists():
         status = read_status(run_dir)
         bar.set_description(f"job {status['job_id']} {status['state']}"

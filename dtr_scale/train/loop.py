@@ -56,6 +56,7 @@ from dtr_scale.train.lock import lock_run_dir
 from dtr_scale.train.metrics import MetricsLogger, StepTimer
 from dtr_scale.train.mtl import IntervalGradientStep, make_interval_gradient_step, max_grad_norm
 from dtr_scale.train.phema import PosthocEMATracker
+from dtr_scale.train.progress import loss_fields
 from dtr_scale.world import World, full_tensor, process_group
 
 log = logging.getLogger(__name__)
@@ -311,10 +312,12 @@ def _apply_config_lrs(param_groups: list[dict], cfg: TrainConfig) -> None:
 
 def checkpoint_manager(parts: Parts, on_commit: Callable[[Path, int], None] | None) -> CheckpointManager:
     """The run's checkpoints, holding the data position, the counters and the post-hoc EMA, whose
-    snapshots are written before each checkpoint commits (a resume from it finds them)."""
+    snapshots are written before each checkpoint commits (a resume from it finds them); the
+    eval.milestones' checkpoints are kept whatever checkpoint.keep_last says (the full protocol scores them)."""
     cfg, phema = parts.cfg, parts.phema
     before_commit = None if phema is None else (lambda step: phema.maybe_snapshot(step, at_checkpoint=True))
     checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint, parts.backend, parts.world, last_step=cfg.steps,
+                                    keep_steps=cfg.eval.milestone_steps(cfg.steps),
                                     on_commit=on_commit, before_commit=before_commit)
     checkpoints.register("data", parts.loader)
     checkpoints.register("counters", parts.counters)
@@ -411,7 +414,7 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None,
                 if log_step or snapshot_due(parts.phema, step) or checkpoints.due(step):
                     # the host reads the values here, before anything is logged or written from them
                     last = read_pending(pending, parts.counters, cfg, world)
-                    bar.set_postfix(loss=f"{last[0]:.4f}")
+                    bar.set_postfix(loss_fields({"mse": last[2], "loss": last[0]}))
                 if log_step:
                     metrics.write(log_record(parts, step, last, checkpoints, cost))
                 # after the step's metrics line: a resume keeps the lines up to its checkpoint's step,

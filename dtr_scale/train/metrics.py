@@ -15,7 +15,7 @@ from pathlib import Path
 from dtr_scale.config import TrainConfig
 from dtr_scale.extras import import_extra
 from dtr_scale.io import append_jsonl, read_jsonl, rewrite_jsonl
-from dtr_scale.train.progress import progress, progress_text, throughput_text
+from dtr_scale.train.progress import loss_text, progress, progress_text, throughput_text
 from dtr_scale.train.training_plot import TrainingPlotter, metrics_path
 from dtr_scale.wandb_run import open_wandb_run
 
@@ -128,8 +128,8 @@ class MetricsLogger:
         append_jsonl(self.path, record)
         self.plotter.update()
         per_device = throughput_text(record)
-        log.info("step %d  loss %.4f  grad %.3g  %.1f img/s%s  data %.0f ms  fwd+bwd %.0f ms  opt %.0f ms  %s",
-                 record["step"], record["loss"], record["grad_norm"], record["images_per_s"],
+        log.info("step %d  %s  grad %.3g  %.1f img/s%s  data %.0f ms  fwd+bwd %.0f ms  opt %.0f ms  %s",
+                 record["step"], loss_text(record, "  "), record["grad_norm"], record["images_per_s"],
                  f" ({per_device})" if per_device else "", record["time_data_ms"],
                  record["time_forward_backward_ms"], record["time_optimizer_ms"], progress_text(progress(record)))
         if self.wandb is not None:

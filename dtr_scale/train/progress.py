@@ -1,5 +1,5 @@
-"""How far a run is and when it will end, from its logged metrics records alone (no torch:
-`dtr-scale status` and the log lines both use it).
+"""How far a run is, when it will end and the losses people read, from its logged metrics
+records alone (no torch: `dtr-scale status`, the log lines and the job's progress bar use it).
 
 A record logs `images_per_s` over its log interval and `images_seen` so far, so the measured
 step rate is images_per_s / (images_seen / step); `total_steps` and `time` (Unix seconds)
@@ -74,3 +74,16 @@ def throughput_text(record: dict[str, Any]) -> str:
         return ""
     mfu = record.get("mfu")
     return f"{per_device:.1f} images/s per device" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
+
+
+def loss_fields(record: dict[str, Any]) -> dict[str, str]:
+    """The losses a person reads, formatted: `mse`, the unweighted mean MSE (the number comparable
+    across runs and weightings), then `objective`, what the optimizer minimises (under ANT-UW the
+    uncertainty-weighted sum, which turns negative as the learned log-variances grow)."""
+    fields = {"mse": f"{record['mse']:.4f}"} if record.get("mse") is not None else {}
+    return {**fields, "objective": f"{record['loss']:.4f}"}
+
+
+def loss_text(record: dict[str, Any], sep: str = ", ") -> str:
+    """ "mse 0.1234, objective -20.1500" from a metrics record (no mse in a record that lacks one)."""
+    return sep.join(f"{name} {value}" for name, value in loss_fields(record).items())

@@ -74,3 +74,43 @@ def test_throughput_text_names_images_per_device_and_mfu_where_known():
     assert throughput_text({"images_per_s_per_device": 412.04, "mfu": 0.41349}) == "412.0 images/s per device, MFU 41.3%"
     assert throughput_text({"images_per_s_per_device": 98.0, "mfu": None}) == "98.0 images/s per device"
     assert throughput_text({"images_per_s": 98.0}) == ""  # a record from before these were logged
+
+
+def test_the_losses_people_read_are_the_mean_mse_then_the_objective():
+    from dtr_scale.train.progress import loss_fields, loss_text
+
+    record = {"loss": -20.15, "mse": 0.125}  # ANT-UW at a few hundred steps: the objective is negative
+    assert loss_fields(record) == {"mse": "0.1250", "objective": "-20.1500"}
+    assert loss_text(record) == "mse 0.1250, objective -20.1500"
+    assert loss_text(record, "  ") == "mse 0.1250  objective -20.1500"
+    assert loss_text({"loss": 0.5}) == "objective 0.5000"  # a record without the mean MSE
+
+
+def test_an_ant_uw_run_shows_the_logged_mse_in_its_bar_and_log_lines(tiny_config, monkeypatch, caplog):
+    import io
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from dtr_scale.train import loop
+    from dtr_scale.train.metrics import read_metrics
+
+    shown = io.StringIO()
+
+    def visible_bar(*args, **kwargs):  # the bar as a terminal would show it (tests run without one)
+        return tqdm(*args, **{**kwargs, "disable": False, "file": shown})
+
+    monkeypatch.setattr(loop, "tqdm", visible_bar)
+    cfg = tiny_config(steps=4, phema_stds=[], **{"logging.every": 2, "checkpoint.every": 4})
+    assert cfg.weighting.kind == "ant_uw"
+    with caplog.at_level(logging.INFO, logger="dtr_scale.train.metrics"):
+        loop.train(cfg)
+    records = read_metrics(cfg.run_dir)
+    assert [r["step"] for r in records] == [2, 4]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    for record, line in zip(records, lines, strict=True):
+        assert record["mse"] != record["loss"]  # the objective is the uncertainty-weighted sum, not the MSE
+        assert line.startswith(f"step {record['step']}  mse {record['mse']:.4f}  objective {record['loss']:.4f}  grad ")
+    last = records[-1]
+    assert f"mse={last['mse']:.4f}, objective={last['loss']:.4f}" in shown.getvalue()
+    assert "loss=" not in shown.getvalue()
