@@ -17,6 +17,7 @@ from types import ModuleType
 EXTRAS: dict[str, tuple[str, str]] = {
     "deepspeed": ("deepspeed", "backend=deepspeed needs it; backend=ddp or backend=fsdp do not"),
     "wandb": ("wandb", "logging.wandb=offline|online needs it; set logging.wandb=disabled to train without it"),
+    "tensorboard": ("tensorboard", "logging.tensorboard=true needs it; leave logging.tensorboard=false to train without it"),
     "webdataset": ("webdataset", "writing webdataset shards needs it; --format mds (the default) does not"),
     "torch_fidelity": ("eval", "FID / sFID / IS need its Inception network"),
     "diffusers": ("vae", "the SD-VAE autoencoder needs it; --autoencoder pixel does not"),

@@ -111,6 +111,8 @@ def extras_problems(cfg: TrainConfig) -> list[str]:
     needed = []
     if cfg.logging.wandb != "disabled":
         needed.append("wandb")
+    if cfg.logging.tensorboard:
+        needed.append("tensorboard")
     if cfg.backend.name == "deepspeed":
         needed.append("deepspeed")
     if cfg.weighting.kind == "ant_nash":

@@ -1,5 +1,6 @@
-"""Rank-0 training metrics: a JSONL file in the run dir, a log line, and wandb
-(offline by default; a requeued run resumes the same wandb run).
+"""Rank-0 training metrics: a JSONL file in the run dir, a log line, wandb (offline by
+default; a requeued run resumes the same wandb run) and, with logging.tensorboard, TensorBoard
+events in RUN_DIR/tensorboard with the same scalars.
 
 metrics.jsonl holds each step once across crashes: a resumed run first drops the
 lines past the step it resumed from (the killed run logged them, the resumed one
@@ -21,6 +22,7 @@ from dtr_scale.wandb_run import open_wandb_run
 
 log = logging.getLogger(__name__)
 PHASES = ("data", "forward_backward", "mtl", "optimizer", "checkpoint")  # mtl: ANT-Nash / PCGrad's own work
+TENSORBOARD_DIR = "tensorboard"
 
 
 class StepTimer:
@@ -119,6 +121,7 @@ class MetricsLogger:
         self.wandb = None
         if enabled and cfg.logging.wandb != "disabled":
             self.wandb = _init_wandb(run_dir, cfg)
+        self.tensorboard = open_tensorboard(run_dir, resume_step) if enabled and cfg.logging.tensorboard else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -133,10 +136,11 @@ class MetricsLogger:
                  f" ({per_device})" if per_device else "", record["time_data_ms"],
                  record["time_forward_backward_ms"], record["time_optimizer_ms"], progress_text(progress(record)))
         if self.wandb is not None:
-            flat = {k: v for k, v in record.items() if not isinstance(v, list)}
-            for name in ("interval_losses", "uw_weights", "nash_alpha"):
-                flat.update({f"{name}/{i}": v for i, v in enumerate(record.get(name, []))})
-            self.wandb.log(flat, step=record["step"])
+            self.wandb.log(flat_scalars(record), step=record["step"])
+        if self.tensorboard is not None:
+            for name, value in flat_scalars(record).items():
+                if name not in ("step", "time") and isinstance(value, (int, float)):  # mfu is None off a known GPU
+                    self.tensorboard.add_scalar(name, value, global_step=record["step"])
 
     def image(self, name: str, path: Path | None) -> None:
         """Log a picture of the run (training.png, routing.png) to wandb, when wandb is on."""
@@ -151,6 +155,26 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def flat_scalars(record: dict) -> dict:
+    """A metrics line with its lists spread out as name/0, name/1, ...: one scalar per name."""
+    flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+    for name in ("interval_losses", "uw_weights", "nash_alpha"):
+        flat.update({f"{name}/{i}": v for i, v in enumerate(record.get(name, []))})
+    return flat
+
+
+def open_tensorboard(run_dir: Path, resume_step: int):
+    """torch's SummaryWriter into RUN_DIR/tensorboard. A resumed run purges the events past its
+    step that the killed run wrote, as metrics.jsonl drops their lines."""
+    import_extra("tensorboard")  # torch's writer needs the package: missing, an error naming the extra
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None)
 
 
 def _init_wandb(run_dir: Path, cfg: TrainConfig):
