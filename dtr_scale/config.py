@@ -74,6 +74,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice(self.name, "model.name", tuple(DIT_PRESETS))
+        for key in ("input_size", "in_channels", "num_classes", *self.overrides()):
+            _require(getattr(self, key) > 0, f"model.{key}", f"got {getattr(self, key)}, must be positive")
         _require(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         patch = self.patch_size or DIT_PRESETS[self.name]["patch_size"]
         _require(self.input_size % patch == 0, "model.input_size",

@@ -70,6 +70,10 @@ def test_wrong_type_is_named_by_hydra_while_composing():
     ("weighting.kind=nash", r"weighting\.kind: got 'nash'"),
     ("diffusion.schedule=sigmoid", r"diffusion\.schedule"),
     ("model.name=DiT-M/2", r"model\.name: got 'DiT-M/2'"),
+    ("model.depth=-1", r"model\.depth: got -1, must be positive"),  # once trained a DiT without blocks
+    ("model.depth=0", r"model\.depth: got 0, must be positive"),
+    ("model.hidden_size=0", r"model\.hidden_size: got 0, must be positive"),
+    ("model.num_classes=0", r"model\.num_classes: got 0, must be positive"),
 ])
 def test_bad_values_are_named(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
