@@ -24,7 +24,7 @@ import torch
 from dtr_scale.config import TrainConfig
 from dtr_scale.eval.averaging import averaged_model
 from dtr_scale.eval.generate import Decoder, distributed_position, generate_samples, load_samples
-from dtr_scale.eval.results import append_result, find_result, log_to_wandb
+from dtr_scale.eval.results import append_result, find_result, log_to_tensorboard, log_to_wandb
 from dtr_scale.eval.settings import EvalSettings, reference_name, require_images
 from dtr_scale.eval.training_cost import training_cost
 from dtr_scale.provenance import collect_provenance
@@ -142,6 +142,7 @@ def evaluate_averaging(checkpoint: str | Path, averaging: str, cfg: TrainConfig,
     if stored is not record:  # another evaluator stored this result first; its record stands
         return stored
     log_to_wandb(run_dir, cfg, [record])
+    log_to_tensorboard(run_dir, cfg, [record])
     log.info("step %d %s: %s", step, averaging, {k: v for k, v in metrics.items() if v is not None})
     return record
 

@@ -226,6 +226,21 @@ def wandb_metrics(record: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+def log_to_tensorboard(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, Any]]) -> None:
+    """With logging.tensorboard, the records' metrics under wandb's names in RUN_DIR/tensorboard/eval
+    (a run of its own beside training's), at their checkpoints' training steps."""
+    if not cfg.logging.tensorboard or not records:
+        return
+    from dtr_scale.train.metrics import TENSORBOARD_DIR, open_tensorboard
+
+    writer = open_tensorboard(Path(run_dir) / TENSORBOARD_DIR / "eval")
+    for record in records:
+        for name, value in wandb_metrics(record).items():
+            if name != "train_step":
+                writer.add_scalar(name, value, global_step=record["step"])
+    writer.close()
+
+
 def log_to_wandb(run_dir: str | Path, cfg: TrainConfig, records: list[dict[str, Any]]) -> None:
     """Log records to the run's evaluation wandb run (cfg.logging.wandb: offline by default,
     nothing when disabled); one wandb run per run dir, resumed by every evaluation."""

@@ -121,7 +121,9 @@ class MetricsLogger:
         self.wandb = None
         if enabled and cfg.logging.wandb != "disabled":
             self.wandb = _init_wandb(run_dir, cfg)
-        self.tensorboard = open_tensorboard(run_dir, resume_step) if enabled and cfg.logging.tensorboard else None
+        self.tensorboard = None
+        if enabled and cfg.logging.tensorboard:
+            self.tensorboard = open_tensorboard(Path(run_dir) / TENSORBOARD_DIR, resume_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -168,13 +170,14 @@ def flat_scalars(record: dict) -> dict:
     return flat
 
 
-def open_tensorboard(run_dir: Path, resume_step: int):
-    """torch's SummaryWriter into RUN_DIR/tensorboard. A resumed run purges the events past its
-    step that the killed run wrote, as metrics.jsonl drops their lines."""
+def open_tensorboard(directory: Path, resume_step: int = 0):
+    """torch's SummaryWriter into `directory` (RUN_DIR/tensorboard, the evaluator's .../eval). A
+    resumed run purges the events past its step that the killed run wrote, as metrics.jsonl drops
+    their lines."""
     import_extra("tensorboard")  # torch's writer needs the package: missing, an error naming the extra
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None)
+    return SummaryWriter(log_dir=str(directory), purge_step=resume_step + 1 if resume_step else None)
 
 
 def _init_wandb(run_dir: Path, cfg: TrainConfig):

@@ -51,3 +51,17 @@ def test_without_tensorboard_the_extra_is_named(tiny_config, monkeypatch, tmp_pa
     monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # import fails as if not installed
     with pytest.raises(MissingExtraError, match=r"dtr-scale\[tensorboard\]"):
         open_tensorboard(tmp_path, 0)
+
+
+def test_evaluation_results_go_to_their_own_run_beside_training(tiny_config, tmp_path):
+    from dtr_scale.eval.results import log_to_tensorboard
+
+    records = [{"step": 200, "averaging": "ema", "fid": 12.5, "precision": 0.625, "gpu_hours": 1.5},
+               {"step": 400, "averaging": "ema", "fid": 9.25, "protocol": "quick"}]
+    log_to_tensorboard(tmp_path, tiny_config(), records)
+    assert not (tmp_path / "tensorboard").exists()  # logging.tensorboard is off by default
+
+    log_to_tensorboard(tmp_path, tiny_config(**{"logging.tensorboard": True}), records)
+    assert read_events(tmp_path / "tensorboard" / "eval") == {
+        "eval/ema/fid": [(200, 12.5)], "eval/ema/precision": [(200, 0.625)], "train_gpu_hours": [(200, 1.5)],
+        "eval_quick/ema/fid": [(400, 9.25)]}
