@@ -273,6 +273,9 @@ COMMANDS: dict[str, Runner] = {
     # The user's path through the rest of README's text (lines README is to show as commands)
     "dtr-scale train cluster=none world_size=1 steps=200": in_process,
     "dtr-scale train run_dir=RUN steps=5000": resumed,
+    # tests/train/test_resume_from.py runs resume_from=STEP|PATH through dtr-scale train
+    "dtr-scale train run_dir=RUN steps=5000 resume_from=2000": shown_config,
+    "dtr-scale train run_dir=RUN2 resume_from=RUN/superseded/after_step_00002000/checkpoints/step_00003000": shown_config,
     "dtr-scale train experiment=dtr_paper/dit_l2_dtr_antuw_2m cluster=my_slurm data.path=/data/latents/in256 "
     "eval.at_save=true": composed_and_planned,
     "dtr-scale eval run_dir=RUN --checkpoint 20 diffusion=linear diffusion.sampling_steps=5 eval.averaging=[raw]":
