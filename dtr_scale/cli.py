@@ -126,8 +126,8 @@ def _sample() -> None:
     main()
 
 
-# These parse --verbose themselves (command_line.run_hydra); for the others it is taken off here.
-HYDRA_COMMANDS = ("train", "eval", "plan")
+# These parse --verbose themselves (command_line.run_hydra, data_prep.cli); for the others it is taken off here.
+OWN_VERBOSE = ("train", "eval", "plan", "prep")
 COMMANDS: dict[str, Callable[[], None]] = {
     "prep": _prep, "train": _train, "eval": _eval, "plan": _plan, "status": _status, "compare": _compare,
     "export": _export, "sample": _sample,
@@ -152,7 +152,7 @@ def main() -> None:
               f"(`dtr-scale COMMAND --help` for each)", file=sys.stderr)
         sys.exit(2)
     verbose, args = take_verbose(sys.argv[1:])
-    sys.argv = [f"dtr-scale {command}", *args, *(["--verbose"] if verbose and command in HYDRA_COMMANDS else [])]
+    sys.argv = [f"dtr-scale {command}", *args, *(["--verbose"] if verbose and command in OWN_VERBOSE else [])]
     with errors_reported(command, verbose):
         COMMANDS[command]()
 

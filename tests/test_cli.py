@@ -209,3 +209,42 @@ def test_the_fast_help_prints_what_hydras_own_help_prints(tmp_path):
     assert hydras.returncode == ours.returncode == 0
     assert "cluster: example_cluster, local, my_slurm, none" in ours.stdout and "  hidden_size: null" in ours.stdout
     assert ours.stdout == hydras.stdout
+
+
+PREP_SPELLINGS = [[str(Path(sys.executable).parent / "dtr-prep")], [DTR_SCALE, "prep"]]
+
+
+@pytest.mark.parametrize("prep", PREP_SPELLINGS, ids=["dtr-prep", "dtr-scale prep"])
+def test_prep_follows_the_exit_status_convention(prep, tmp_path):
+    def prep_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*prep, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    nothing = prep_run("verify", str(tmp_path / "nowhere"))  # a usage error: no dataset at the path
+    assert nothing.returncode == 2 and nothing.stderr.startswith(
+        f"dtr-scale prep: config error: no manifest.json at {tmp_path}/nowhere: the dataset is not prepared")
+    assert len(nothing.stderr.splitlines()) == 1 and not (tmp_path / "nowhere").exists()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text('{"shards": [')  # damage found while working
+    damaged = prep_run("verify", str(tmp_path / "data"))
+    [line] = damaged.stderr.splitlines()
+    assert damaged.returncode == 1 and line.endswith("(rerun with --verbose to print it)")
+    assert line.startswith(f"dtr-scale prep: error: CorruptFileError: {tmp_path}/data/manifest.json is not valid JSON")
+    verbose = prep_run("verify", str(tmp_path / "data"), "--verbose")
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+
+
+DTR_BENCH = str(Path(sys.executable).parent / "dtr-bench")
+
+
+def test_bench_names_an_unknown_benchmark_and_a_failure_in_one_line(tmp_path):
+    unknown = subprocess.run([DTR_BENCH, "bogus"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and unknown.stdout == "" and unknown.stderr == (
+        "dtr-bench: unknown benchmark 'bogus'; the benchmarks are data, eval, gpu, overhead, reliability, routing, "
+        "scale, train (`dtr-bench NAME --help` for each)\n")
+    failing = ["routing", "--model", "DiT-Q/2", "--steps", "1"]  # fails inside the benchmark, not in its arguments
+    failed = subprocess.run([DTR_BENCH, *failing], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert failed.returncode == 1 and failed.stderr.startswith(
+        "dtr-bench routing: error: ValueError: unknown model 'DiT-Q/2'")
+    assert len(failed.stderr.splitlines()) == 1 and failed.stderr.endswith("(rerun with --verbose to print the traceback)\n")
+    verbose = subprocess.run([DTR_BENCH, *failing, "--verbose"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr

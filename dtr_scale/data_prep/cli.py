@@ -17,7 +17,7 @@ import sys
 
 from dtr_scale.data_prep.images import DEFAULT_MAX_PIXELS
 from dtr_scale.data_prep.layout import PrepError
-from dtr_scale.data.shard_format import FORMATS
+from dtr_scale.data.shard_format import FORMATS, ShardDataError, read_manifest
 
 
 def slurm_part(environ: dict[str, str]) -> tuple[int, int] | None:
@@ -83,11 +83,15 @@ def run_merge(args: argparse.Namespace) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> None:
-    from dtr_scale.data_prep.merge import verify
+    try:
+        read_manifest(args.out)  # no dataset there is a usage error (2); damage found by the pass a failure (1)
+    except ShardDataError as err:
+        raise PrepError(str(err)) from err
+    from dtr_scale.data_prep.merge import verify  # imports torch: after the check
 
     bad = verify(args.out)
-    if bad:
-        raise PrepError(f"{len(bad)} shard(s) in {args.out} do not match their checksum: {', '.join(bad[:10])}; "
+    if bad:  # damage found by the check: a failure (exit 1), not a usage error
+        raise ShardDataError(f"{len(bad)} shard(s) in {args.out} do not match their checksum: {', '.join(bad[:10])}; "
                         "delete their chunk directories, rerun prep for those parts and merge again")
     print(f"{args.out}: all shards match manifest.json")
     if args.add_sample_hashes:
@@ -141,13 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dtr_scale.models.autoencoders import MissingWeightsError
-    from dtr_scale.data_prep.sources import SourceError
-    from dtr_scale.data.shard_format import ShardDataError
+    """`dtr-prep` (and `dtr-scale prep`), with the project's exit statuses (command_line): 2 for
+    arguments, a source or a dataset state that cannot work, 1 for a failure while working
+    (a shard that fails its checksum, a crash), each as one line; --verbose adds the traceback."""
+    from dtr_scale.command_line import errors_reported, take_verbose
+    from dtr_scale.config import ConfigError
 
+    verbose, argv = take_verbose(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        args.run(args)
-    except (PrepError, SourceError, MissingWeightsError, ShardDataError, ValueError) as err:
-        sys.exit(f"dtr-prep: error: {err}")
+    with errors_reported("prep", verbose):
+        try:
+            args.run(args)
+        except Exception as err:
+            if is_usage_error(err):
+                raise ConfigError(str(err)) from err
+            raise
+
+
+def is_usage_error(err: Exception) -> bool:
+    """Arguments, a source or a dataset state that cannot work, found before the work (exit 2)."""
+    from dtr_scale.data_prep.sources import SourceError
+
+    # The autoencoders (and torch) load only for `images`; a command that never loaded them raised none of theirs.
+    autoencoders = sys.modules.get("dtr_scale.models.autoencoders")
+    missing_weights = (autoencoders.MissingWeightsError,) if autoencoders else ()
+    return isinstance(err, (PrepError, SourceError, *missing_weights))

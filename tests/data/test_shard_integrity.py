@@ -190,8 +190,10 @@ def test_prep_verify_lists_damaged_shards_and_drops_them_from_the_mark(identity_
     assert "all shards match manifest.json" in capsys.readouterr().out
     relpath = read_manifest(root)["shards"][1]["path"]
     flip_keeping_mtime(os.path.join(root, relpath), 100)  # invisible to the mark, not to `verify`
-    with pytest.raises(SystemExit, match=rf"1 shard\(s\) in {root} do not match their checksum: {relpath}"):
+    with pytest.raises(SystemExit) as exit_:
         prep_main(["verify", root])
+    assert exit_.value.code == 1  # damage found by the check: a failure, not a usage error
+    assert f"1 shard(s) in {root} do not match their checksum: {relpath}" in capsys.readouterr().err
     assert relpath not in read_mark(os.path.join(root, MARK_NAME))
 
 

@@ -67,15 +67,17 @@ def test_an_empty_class_folder_is_reported(tmp_path, good_folder, caplog):
 
 
 @pytest.mark.parametrize("name", ["prep.json", "chunk-000001/chunk.json", "manifest.json"])
-def test_a_damaged_json_file_is_an_error_naming_it(tmp_path, good_folder, name):
+def test_a_damaged_json_file_is_an_error_naming_it(tmp_path, good_folder, name, capsys):
     root, _, _ = good_folder
     out = tmp_path / "out"
     main(["--no-progress", "images", str(root), str(out), *COMMON])
     (out / name).write_text('{"format": "mds", "classes": [')  # cut short
     command = ["verify", str(out)] if name == "manifest.json" else ["merge", str(out)]
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(command)
-    assert f"{out / name} is not valid JSON" in str(exit_.value.code)
+    [line] = capsys.readouterr().err.splitlines()  # damage found while working: status 1, one line
+    assert exit_.value.code == 1 and f"{out / name} is not valid JSON" in line
     if name == "manifest.json":
         with pytest.raises(CorruptFileError, match=f"{out / name} is not valid JSON"):
             build_shard_loader(str(out), format="mds", global_batch_size=4, rank=0, world_size=1, seed=0)
