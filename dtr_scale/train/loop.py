@@ -328,7 +328,9 @@ def checkpoint_manager(parts: Parts, on_commit: Callable[[Path, int], None] | No
 
 
 def resume(parts: Parts, checkpoints: CheckpointManager) -> int:
-    """Load the latest complete checkpoint, if any: the step to start at."""
+    """Load the latest complete checkpoint, if any: the step to start at. (resume_from is not read
+    here: the launching command made its checkpoint the latest, once, so a requeue goes on from
+    the run's newer ones; dtr_scale/train/resume_from.py.)"""
     meta = checkpoints.load_latest()
     if meta is None:
         return 0

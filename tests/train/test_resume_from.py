@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from dtr_scale.io import append_jsonl, read_json, read_jsonl
+from dtr_scale.train.checkpoint import open_checkpoint
+from dtr_scale.train.lock import RunDirLock
 from dtr_scale.train.manifest import checkpoint_name
 from dtr_scale.train.resume_from import supersede
 
@@ -71,6 +73,7 @@ def test_resume_from_a_step_retrains_the_same_steps_and_keeps_the_later_checkpoi
     for step in (4, 6):
         name = checkpoint_name(step)
         assert tree(aside / "checkpoints" / name) == tree(first_run / "checkpoints" / name)
+        assert open_checkpoint(aside / "checkpoints" / name).step == step  # complete where it is: hashes checked
         assert tree(aside / "phema").keys() >= {f"phema-{step:08d}-0.050.safetensors"}
     assert read_jsonl(aside / "metrics.jsonl") == read_jsonl(first_run / "metrics.jsonl")[2:]
     # the run's own manifest goes 2 (kept), then the new 4 and 6
@@ -113,6 +116,18 @@ def test_a_missing_checkpoint_is_refused_before_anything_is_written(copy_of, res
     assert done.returncode == 2, done.stderr[-3000:]
     assert expected.format(run=run_dir) in done.stderr and "config error" in done.stderr
     assert tree(run_dir) == before and not (run_dir / "superseded").exists()
+
+
+def test_a_run_dir_in_use_by_a_trainer_is_left_alone(copy_of):
+    lock = RunDirLock(copy_of)
+    lock.acquire()  # as a live trainer of this run holds it
+    try:
+        before = tree(copy_of)
+        done = train(copy_of, "resume_from=2")
+    finally:
+        lock.release()
+    assert done.returncode == 2 and "resume_from: " in done.stderr and "in use by another trainer" in done.stderr
+    assert tree(copy_of) == before and not (copy_of / "superseded").exists()
 
 
 def test_an_incomplete_checkpoint_is_refused_naming_its_file(copy_of):
