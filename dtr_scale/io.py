@@ -6,15 +6,19 @@
   do not interleave); a line torn by a killed writer is closed before the next record.
 - `read_jsonl`: the records, skipping a torn line; `read_json`: a JSON file or an error
   naming it.
+- `require_free_space` / `disk_full_error`: a write the filesystem has no room for, before it
+  starts or as it fails, as one DiskFullError naming the filesystem, the bytes and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +28,17 @@ log = logging.getLogger(__name__)
 
 class CorruptFileError(ValueError):
     """A project file that exists but cannot be parsed; the message names it."""
+
+
+class DiskFullError(OSError):
+    """A write the filesystem has no room for; the message names the filesystem (its mount
+    point), what was being written, the bytes it needs and the bytes free, and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def temp_path(path: Path) -> Path:
@@ -121,3 +136,62 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace a JSON-lines file with `records`, atomically."""
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+# --- a full disk, named ------------------------------------------------------------------
+
+def mount_point(path: str | Path) -> Path:
+    """The mount point of the filesystem that holds `path` (or would, for a path not made yet)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes an unprivileged writer may still write on the filesystem of `path`."""
+    return shutil.disk_usage(mount_point(path)).free
+
+
+def format_bytes(n: int | float) -> str:
+    """ "1.5 GiB (1,610,612,736 bytes)": binary units for reading, the exact count for df."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit} ({int(n):,} bytes)"
+    return f"{int(n):,} bytes"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` is ENOSPC or EDQUOT, or was raised from or while handling one, or gathers one
+    from a rank (DCP's CheckpointException.failures: rank -> (exception, traceback))."""
+    pending, seen = [err], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        pending += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            pending += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
+
+
+def disk_full_error(path: str | Path, what: str, needed: int | None, advice: str) -> DiskFullError:
+    """The error for `what` (a file or a checkpoint, at `path`) that needs `needed` bytes (None:
+    not known) on a filesystem that cannot hold it, with `advice` on what to do."""
+    fs, free = mount_point(path), free_bytes(path)
+    need = f"takes {format_bytes(needed)}" if needed is not None else "could not be completed"
+    return DiskFullError(f"no space left on the filesystem mounted at {fs}: writing {what} ({path}) {need}, and {fs} "
+                         f"has {format_bytes(free)} free. {advice}")
+
+
+def require_free_space(path: str | Path, needed: int, what: str, advice: str) -> None:
+    """Raise DiskFullError before writing `what` at `path` when its filesystem has fewer than
+    `needed` bytes free (checked where the size is known, so no write is started that cannot end)."""
+    if free_bytes(path) < needed:
+        raise disk_full_error(path, what, needed, advice)

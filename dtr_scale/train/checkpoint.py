@@ -14,6 +14,11 @@ their recorded sizes; loading one also checks the hashes, and a resume passes
 over a damaged checkpoint to the one before, so a crash, a truncated file or a
 flipped bit leaves an earlier checkpoint to resume from.
 
+A full disk is named, not met as a bare errno: a save is not started where the filesystem
+has less free than the newest checkpoint takes (the next one holds the same tensors), and a
+save that runs out of space anyway is a DiskFullError naming the filesystem, the checkpoint,
+the bytes it takes and the bytes free; its partial directory is removed to give the space back.
+
 Nothing read from a checkpoint runs code: each backend reads its own files (DCP's
 through `train.safe_dcp`), and this module reads only meta.json and the manifest. The
 manager knows no backend beyond `save` and `load`; which keys hold which weights is
@@ -22,10 +27,11 @@ the business of the backend that wrote them (`train.backends.read_weights`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,11 +43,13 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dtr_scale.config import CheckpointConfig, TrainConfig, to_train_config
-from dtr_scale.io import atomic_write_json, fsync_dir
+from dtr_scale.io import (
+    DiskFullError, atomic_write_json, disk_full_error, free_bytes, fsync_dir, is_disk_full, require_free_space,
+)
 from dtr_scale.train.manifest import (  # noqa: F401  (re-exported: the checkpoint API in one place)
     MANIFEST, META, CheckpointError, checked_checkpoints, checkpoint_dir, checkpoint_name, complete_checkpoints,
-    digest_files, file_digest, latest_checkpoint, read_manifest, read_meta, require_complete, retained, roll_forward,
-    verify_checkpoint,
+    digest_files, file_digest, latest_checkpoint, newest_checkpoint_bytes, read_manifest, read_meta, require_complete,
+    retained, roll_forward, verify_checkpoint,
 )
 from dtr_scale.world import World
 
@@ -131,6 +139,7 @@ class CheckpointManager:
         # A stop right after a scheduled save, or right after resuming, asks for the same state
         # again; rewriting it would delete the complete copy before the new one is renamed in.
         if step != self.on_disk_step:
+            self._require_space(step)
             self._write(step, self.meta(step), asynchronous=self.cfg.async_save and not last)
             self.on_disk_step = step
         self.blocked_seconds += time.perf_counter() - start
@@ -138,17 +147,60 @@ class CheckpointManager:
 
     def _write(self, step: int, meta: dict[str, Any], asynchronous: bool) -> None:
         partial = self.root / f"{checkpoint_name(step)}.partial"
-        if self.world.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt at this step
-            partial.mkdir(parents=True)
-            atomic_write_json(partial / META, meta)
-        self._barrier()
-        future = self.backend.save(partial, extra=self.tensor_states, asynchronous=asynchronous)
-        if future is None:
+        with self._disk_full_named(step, partial):
+            if self.world.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)  # a crashed earlier attempt at this step
+                partial.mkdir(parents=True)
+                atomic_write_json(partial / META, meta)
             self._barrier()
-            self._commit(step, partial, digest_files(partial) if self.world.rank == 0 else {})
-        else:
-            self.pending = (self._hasher.submit(_finish_write, future, partial, self.world.rank == 0), step, partial)
+            future = self.backend.save(partial, extra=self.tensor_states, asynchronous=asynchronous)
+            if future is None:
+                self._barrier()
+                self._commit(step, partial, digest_files(partial) if self.world.rank == 0 else {})
+            else:
+                self.pending = (self._hasher.submit(_finish_write, future, partial, self.world.rank == 0), step,
+                                partial)
+
+    def _disk_full_advice(self) -> str:
+        entries = read_manifest(self.root.parent)
+        kept = (f"the latest complete checkpoint, {entries[-1]['name']}, is untouched and the run resumes from it"
+                if entries else "no checkpoint of this run is complete yet")
+        return (f"Free space there (or move the run to a larger filesystem), or keep fewer checkpoints "
+                f"(checkpoint.keep_last={self.cfg.keep_last}, checkpoint.keep_every={self.cfg.keep_every}); {kept}.")
+
+    def _require_space(self, step: int) -> None:
+        """Refuse to start checkpoint `step` where its filesystem cannot hold one as big as the
+        newest complete one; rank 0 checks, and every rank raises the same error."""
+        message = None
+        if self.world.rank == 0:
+            try:
+                require_free_space(self.root / f"{checkpoint_name(step)}.partial",
+                                   newest_checkpoint_bytes(self.root.parent), f"checkpoint step {step}",
+                                   self._disk_full_advice())
+            except DiskFullError as err:
+                message = str(err)
+        if self.world.size > 1:
+            shared = [message]
+            dist.broadcast_object_list(shared, src=0)
+            message = shared[0]
+        if message is not None:
+            raise DiskFullError(message)
+
+    @contextlib.contextmanager
+    def _disk_full_named(self, step: int, partial: Path) -> Iterator[None]:
+        """A save of checkpoint `step` that fails for want of space (ENOSPC anywhere in the error,
+        or DCP's "unexpected pos" from torch.save with less free than a checkpoint takes) raises
+        DiskFullError naming it; its partial directory goes, to give the space back."""
+        try:
+            yield
+        except (Exception, CheckpointException) as err:
+            needed = newest_checkpoint_bytes(self.root.parent)
+            if not (is_disk_full(err) or free_bytes(self.root) < needed):
+                raise
+            named = disk_full_error(partial, f"checkpoint step {step}", needed or None, self._disk_full_advice())
+            if self.world.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise named from err
 
     def poll(self) -> None:
         """Commit a finished background save (cheap; call every step)."""
@@ -160,9 +212,10 @@ class CheckpointManager:
             return
         future, step, partial = self.pending
         self.pending = None
-        digests = future.result()
-        # DCP's rank 0 finishes only after every rank's data is written: it may commit alone.
-        self._commit(step, partial, digests)
+        with self._disk_full_named(step, partial):
+            digests = future.result()
+            # DCP's rank 0 finishes only after every rank's data is written: it may commit alone.
+            self._commit(step, partial, digests)
 
     def finish(self) -> None:
         """On the way out, even after an error: commit a background save still in flight, so a

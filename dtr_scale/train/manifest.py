@@ -66,6 +66,13 @@ def read_manifest(run_dir: str | Path) -> list[dict[str, Any]]:
                               f"to start the run afresh") from err
 
 
+def newest_checkpoint_bytes(run_dir: str | Path) -> int:
+    """Bytes the manifest records for the newest checkpoint's files (0 before the first): what the
+    next checkpoint takes on disk, as it holds the same tensors."""
+    entries = read_manifest(run_dir)
+    return sum(entries[-1]["files"].values()) if entries else 0
+
+
 def verify_checkpoint(path: Path, entry: dict[str, Any], *, contents: bool = False) -> str | None:
     """Why the checkpoint at `path` is not usable, or None if every file is there at its size
     (and, with `contents`, has the content hash the manifest recorded)."""

@@ -35,12 +35,17 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from dtr_scale.config import TrainConfig
-from dtr_scale.io import atomic_write_bytes
+from dtr_scale.io import atomic_write_bytes, disk_full_error, is_disk_full, require_free_space
 from dtr_scale.world import World, full_tensor
 
 StateDict = dict[str, torch.Tensor]
 MAX_STD = 12**-0.5  # sigma_rel at gamma = 0 (a uniform average over [0, t])
 SNAPSHOT_GLOB = "phema-*.safetensors"  # snapshot_name's files; a writer's tmp file starts with "."
+# A snapshot is written before its step's checkpoint: a run stopped here resumes from the checkpoint before.
+SNAPSHOT_ADVICE = ("Free space there (or move the run to a larger filesystem); each snapshot step keeps one "
+                   "model-sized file per phema_stds entry for good (fewer phema_stds or a larger phema_every need less). "
+                   "The snapshots already written and the latest complete checkpoint are untouched, and the run "
+                   "resumes from that checkpoint.")
 
 
 def exp_to_std(gamma: float | np.ndarray) -> np.ndarray:
@@ -261,9 +266,18 @@ class PosthocEMATracker:
         if self.world.rank != 0:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        what = f"the post-hoc EMA snapshots of step {step}"
+        require_free_space(self.dir, sum(t.nbytes for state in full.values() for t in state.values()), what,
+                           SNAPSHOT_ADVICE)
         for std, state in full.items():
             data = safetensors_bytes(state, metadata={"step": str(step), "std": str(std)})
-            atomic_write_bytes(self.dir / snapshot_name(step, std), data)
+            path = self.dir / snapshot_name(step, std)
+            try:
+                atomic_write_bytes(path, data)
+            except OSError as err:  # the free space went to another writer since the check
+                if not is_disk_full(err):
+                    raise
+                raise disk_full_error(path, f"{what} (sigma_rel {std})", len(data), SNAPSHOT_ADVICE) from err
 
 
 class SafetensorsFile(Mapping):
