@@ -8,7 +8,8 @@ one) the free space is checked, so no save is started that cannot end; a save th
 space anyway (another writer took it) is named the same way, from DCP's CheckpointException
 or the post-hoc EMA snapshot's OSError. The full disk is simulated (shutil.disk_usage reporting
 little free, DCP's writer raising ENOSPC) and, where this process may mount one, real: a small
-tmpfs.
+tmpfs, on which `dtr-scale train` stops with one line naming it, and a training picture that
+cannot be drawn is a warning naming the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,6 +177,48 @@ def test_a_post_hoc_ema_snapshot_that_cannot_be_written_is_named(tiny_config, tm
     with pytest.raises(DiskFullError, match=r"the post-hoc EMA snapshots of step 10 \(sigma_rel 0.05\) "
                                             r"\(.*phema-00000010-0.050.safetensors\) takes [0-9.]+ KiB"):
         tracker.maybe_snapshot(10, at_checkpoint=True)
+
+
+def test_the_train_command_stops_with_one_line_naming_the_full_filesystem(tmp_path):
+    # model=tiny without post-hoc EMA: a checkpoint takes about 20 MiB, so the second does not fit in 32
+    disk = tmp_path / "disk"
+    small_tmpfs(disk, "32m")
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "dtr-scale"), "train", f"run_dir={disk / 'run'}", "cluster=none",
+             "world_size=1", "data=synthetic", "model=tiny", "steps=6", "global_batch_size=8", "checkpoint.every=2",
+             "eval.inline=false", "logging.wandb=disabled", "sample_at_end=0", "phema_stds=[]"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 1, done.stderr[-3000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("dtr-scale train: error:")]
+        assert line.startswith(f"dtr-scale train: error: DiskFullError: no space left on the filesystem mounted at "
+                               f"{disk}: writing checkpoint step 4 ({disk}/run/checkpoints/step_00000004.partial) takes "
+                               f"{format_bytes(checkpoint_bytes(str(disk / 'run'), 2))}, and {disk} has "), line
+        assert [e["step"] for e in read_manifest(disk / "run")] == [2]
+        require_complete(latest_checkpoint(disk / "run"))
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_a_training_picture_that_cannot_be_written_is_a_warning_naming_it(tmp_path, caplog):
+    # the run's own error names the full disk (above); the picture's failure is reported too, not instead
+    import json
+
+    from dtr_scale.train.metrics import metrics_path
+    from dtr_scale.train.training_plot import TRAINING_PNG, TrainingPlotter
+
+    disk = tmp_path / "disk"
+    small_tmpfs(disk, "1m")
+    try:
+        metrics_path(disk).write_text("".join(json.dumps({"step": s, "loss": 1.0 / s, "unweighted_loss": 2.0 / s,
+                                                          "interval_losses": [0.1, 0.2]}) + "\n" for s in (1, 2)))
+        (disk / "ballast").write_bytes(bytes(shutil.disk_usage(disk).free))
+        with caplog.at_level("WARNING", logger="dtr_scale.train.training_plot"):
+            assert TrainingPlotter(disk, metrics_path(disk)).finish() is None
+        assert f"could not draw {disk / TRAINING_PNG}: [Errno 28] No space left on device" in caplog.text
+        assert not list(disk.glob(f".{TRAINING_PNG}.tmp-*"))  # no half-written picture left behind
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
 
 
 # --- the pieces, with known answers -------------------------------------------------------
