@@ -8,6 +8,7 @@ Hydra creates the run directory, so a refused launch leaves nothing behind.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from dtr_scale.config import ConfigError, TrainConfig
@@ -52,7 +53,7 @@ def will_prepare_digits(cfg: TrainConfig) -> bool:
 
 def manifest_problems(cfg: TrainConfig, manifest: dict) -> list[str]:
     """A prepared dataset the model cannot train on: another shard format, latent shape, or more classes."""
-    where = f"data.path={cfg.data.path}"
+    where = f"data.remote={cfg.data.remote}" if cfg.data.remote else f"data.path={cfg.data.path}"
     model = cfg.model
     problems = []
     if manifest.get("format", cfg.data.format) != cfg.data.format:
@@ -76,15 +77,30 @@ def data_problems(cfg: TrainConfig) -> list[str]:
     """The dataset the run will read is there, readable and fits the model."""
     if cfg.data.kind != "shards":
         return []  # synthetic data is made in memory
-    # Shards fetched into data.path from data.remote (their reader checks them), or prepared there.
-    if cfg.data.remote or will_prepare_digits(cfg):
-        problem = writable_problem("data.path", cfg.data.path)
-        return [problem] if problem else []
+    remote = cfg.data.remote
+    # The job writes data.path: shards fetched into it from data.remote, or the digits prepared there.
+    if remote or will_prepare_digits(cfg):
+        if problem := writable_problem("data.path", cfg.data.path):
+            return [problem]
+        if not remote:
+            return []
     try:
-        manifest = read_manifest(cfg.data.path)
+        manifest = remote_manifest(remote, cfg.data.path) if remote else read_manifest(cfg.data.path)
     except (ShardDataError, CorruptFileError) as err:
-        return [f"data.path: {err}"]
+        return [f"{f'data.remote={remote}' if remote else 'data.path'}: {err}"]
     return manifest_problems(cfg, manifest)
+
+
+def remote_manifest(remote: str, cache: str) -> dict:
+    """The manifest at `remote`, fetched into a temporary file with the loader's own download: an unreachable
+    store or a prefix without the dataset is named here, and the cache, which the job fills on its node, is
+    left alone."""
+    from dtr_scale.data.remote import download  # streaming's clients: only for a remote dataset
+
+    with tempfile.TemporaryDirectory(prefix="dtr-launch-check-") as scratch:
+        local = os.path.join(scratch, MANIFEST_NAME)
+        download(remote, cache, MANIFEST_NAME, local)
+        return read_manifest(local)
 
 
 def device_problem(cfg: TrainConfig) -> str | None:

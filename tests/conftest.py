@@ -124,3 +124,28 @@ def slurm_two_nodes(slurm_two_nodes_session, monkeypatch) -> Path:
     cluster's state directory."""
     monkeypatch.setenv("PATH", f"{NODES_STATE / 'bin'}:{os.environ['PATH']}")
     return NODES_STATE
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 store on loopback (moto's standalone server) for data.remote=s3://...: no other address is used."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    """An S3 client of the loopback store; the environment streaming's downloader reads, set for this test
+    (and inherited by the processes it starts)."""
+    import boto3
+
+    for key, value in {"S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "NO_PROXY": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3", endpoint_url=s3_endpoint)

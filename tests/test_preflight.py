@@ -157,11 +157,66 @@ def test_evaluating_beside_training_needs_its_reference_batch_before_training_st
     assert launch_problems(config(tmp_path, eval={"inline": True}, cluster=slurm)) == []
 
 
-def test_a_remote_dataset_needs_a_writable_cache_not_a_local_manifest(tmp_path):
+@pytest.fixture(scope="module")
+def remote_digits(s3_endpoint, tmp_path_factory):
+    """The digits (4 x 8 x 8 latents, 10 classes) uploaded to s3://digits/ds, as `aws s3 sync` would."""
+    import boto3
+
+    from dtr_scale.data_prep.digits import prepare_digits
+
+    local = tmp_path_factory.mktemp("digits") / "ds"
+    prepare_digits(str(local))
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket="digits")
+    for path in local.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            s3.upload_file(str(path), "digits", f"ds/{path.relative_to(local)}")
+    return "s3://digits/ds"
+
+
+TINY = {"name": "DiT-S/2", "input_size": 8, "in_channels": 4, "num_classes": 10, "depth": 1, "hidden_size": 32,
+        "num_heads": 2}
+
+
+def test_a_remote_dataset_needs_a_writable_cache_and_its_manifest_is_checked_against_the_model(
+        tmp_path, remote_digits, s3):
     (tmp_path / "file").write_text("")
-    remote = {"kind": "shards", "path": str(tmp_path / "cache"), "remote": "s3://bucket/imagenet256"}
-    assert launch_problems(config(tmp_path, data=remote)) == []
+    remote = {"kind": "shards", "path": str(tmp_path / "cache"), "remote": remote_digits, "embedded": False}
+    assert launch_problems(config(tmp_path, data=remote, model=TINY)) == []
+    assert not (tmp_path / "cache").exists()  # read into a scratch file: the job's node fills its own cache
+    assert launch_problems(config(tmp_path, data=remote, model=TINY | {"input_size": 32, "num_classes": 5})) == [
+        f"data.remote={remote_digits} holds 4 x 8 x 8 latents but the model takes in_channels x input_size x "
+        f"input_size = 4 x 32 x 32: set model.in_channels=4 model.input_size=8, or point data.path at latents of the "
+        f"model's size",
+        f"data.remote={remote_digits} has 10 classes but model.num_classes=5: set model.num_classes=10"]
     blocked = remote | {"path": str(tmp_path / "file" / "cache")}
-    assert launch_problems(config(tmp_path, data=blocked)) == [
+    assert launch_problems(config(tmp_path, data=blocked, model=TINY)) == [
         f"data.path={tmp_path / 'file' / 'cache'}: {tmp_path / 'file'} is a file, so no directory can be made under "
         f"it; give another data.path"]
+
+
+TRAIN_FROM_REMOTE = ["cluster=none", "world_size=1", "model=tiny", "model.depth=1", "model.hidden_size=32",
+                     "model.num_heads=2", "data.kind=shards", "data.embedded=false", "logging.wandb=disabled",
+                     "eval.inline=false", "phema_stds=[]", "sample_at_end=0", "global_batch_size=8"]
+
+
+def test_a_bucket_without_the_manifest_stops_the_launch_naming_it_and_writes_nothing(tmp_path, remote_digits,
+                                                                                     s3):
+    done = run("train", *TRAIN_FROM_REMOTE, "data.remote=s3://digits/missing", f"data.path={tmp_path}/cache",
+               f"run_dir={tmp_path}/run", cwd=tmp_path)
+    assert done.returncode == 2
+    [line] = done.stderr.splitlines()
+    assert line.startswith("dtr-scale train: config error: data.remote=s3://digits/missing: cannot fetch "
+                           "s3://digits/missing/manifest.json through S3_ENDPOINT_URL=")
+    assert "must hold manifest.json" in line
+    assert list(tmp_path.iterdir()) == []  # no run directory, no cache, no runs/DATE/TIME
+
+
+def test_a_run_trains_from_a_remote_dataset_end_to_end(tmp_path, remote_digits, s3):
+    done = run("train", *TRAIN_FROM_REMOTE, f"data.remote={remote_digits}", f"data.path={tmp_path}/cache",
+               f"run_dir={tmp_path}/run", "steps=2", "checkpoint.every=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002").is_dir()
+    fetched = [p for p in (tmp_path / "cache").rglob("*.mds")]
+    assert (tmp_path / "cache" / "manifest.json").is_file() and fetched  # the shards came through the cache

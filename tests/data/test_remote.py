@@ -1,40 +1,20 @@
 """`data.remote=s3://bucket/prefix`: shards fetched on demand into `data.path` through streaming's downloader,
 against an S3 endpoint these tests start on loopback (moto's standalone server). Same order, same exact
-resume and same integrity checks as a local dataset; bad input is a named error before the first batch."""
+resume and same integrity checks as a local dataset; bad input is a named error before the first batch.
+The store and its client are the `s3_endpoint` and `s3` fixtures of tests/conftest.py."""
 
 import os
 import socket
 import time
 
-import boto3
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 
 from dtr_scale.data.integrity import MARK_NAME
 from dtr_scale.data.loader import build_shard_loader
 from dtr_scale.data.shard_format import ShardDataError, read_manifest
 
 FORMATS = ("mds", "webdataset")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-    """An S3 client of the loopback store; the environment streaming's downloader reads, set for this test."""
-    for key, value in {"S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "NO_PROXY": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    return boto3.client("s3", endpoint_url=s3_endpoint)
 
 
 def upload(s3, root, bucket, prefix, *, skip=()):
