@@ -5,6 +5,7 @@ fix, and leaves nothing behind (no runs/DATE/TIME)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,18 @@ def test_a_remote_dataset_needs_a_writable_cache_and_its_manifest_is_checked_aga
     assert launch_problems(config(tmp_path, data=blocked, model=TINY)) == [
         f"data.path={tmp_path / 'file' / 'cache'}: {tmp_path / 'file'} is a file, so no directory can be made under "
         f"it; give another data.path"]
+
+
+def test_an_unreachable_store_is_named_before_the_launch(tmp_path, s3, monkeypatch):
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("S3_ENDPOINT_URL", closed)
+    remote = {"kind": "shards", "path": str(tmp_path / "cache"), "remote": "s3://digits/ds", "embedded": False}
+    [problem] = launch_problems(config(tmp_path, data=remote, model=TINY))
+    assert problem.startswith(f"data.remote=s3://digits/ds: cannot fetch s3://digits/ds/manifest.json through "
+                              f"S3_ENDPOINT_URL={closed} into the cache {tmp_path / 'cache'} (EndpointConnectionError")
+    assert "that the store is reachable from this node" in problem and list(tmp_path.iterdir()) == []
 
 
 TRAIN_FROM_REMOTE = ["cluster=none", "world_size=1", "model=tiny", "model.depth=1", "model.hidden_size=32",
