@@ -114,3 +114,21 @@ def test_an_ant_uw_run_shows_the_logged_mse_in_its_bar_and_log_lines(tiny_config
     last = records[-1]
     assert f"mse={last['mse']:.4f}, objective={last['loss']:.4f}" in shown.getvalue()
     assert "loss=" not in shown.getvalue()
+
+
+def test_the_bar_of_a_followed_job_shows_the_mse_and_the_objective(tmp_path):
+    import io
+    import json
+
+    from tqdm.auto import tqdm
+
+    from dtr_scale.launch.follow import _progress
+    from dtr_scale.train.metrics import metrics_path
+
+    metrics_path(tmp_path).write_text(json.dumps({"step": 300, "loss": -20.15, "mse": 0.125, "images_per_s": 128.0,
+                                                  "images_seen": 19200, "total_steps": 1200}) + "\n")
+    shown = io.StringIO()
+    with tqdm(total=1200, file=shown, disable=False) as bar:
+        _progress(tmp_path, bar)
+        bar.refresh()
+    assert "300/1200" in shown.getvalue() and "mse=0.1250, objective=-20.1500, img_s=128" in shown.getvalue()
