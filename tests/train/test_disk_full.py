@@ -89,9 +89,11 @@ def assert_resume_is_bitwise(cfg, straight) -> None:
 
 
 @pytest.fixture
-def straight(tiny_config, tmp_path):
-    cfg = crash_config(tiny_config, tmp_path / "straight", steps=STEPS)
-    train(cfg)
+def straight(tiny_config, tmp_path_factory):
+    """The run that never stopped, trained once for this module's tests (none of them writes to it)."""
+    cfg = crash_config(tiny_config, tmp_path_factory.getbasetemp() / "disk_full_straight", steps=STEPS)
+    if not read_manifest(cfg.run_dir) or read_manifest(cfg.run_dir)[-1]["step"] != STEPS:
+        train(cfg)
     return cfg
 
 
