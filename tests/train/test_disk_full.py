@@ -121,6 +121,40 @@ def test_enospc_in_the_middle_of_a_save_is_named(tiny_config, tmp_path, monkeypa
     assert_resume_is_bitwise(cfg, straight)
 
 
+def test_a_failed_save_that_names_no_errno_is_named_by_the_free_space_left(tiny_config, tmp_path, monkeypatch):
+    # torch.save inside DCP can fail as "unexpected pos 704 vs 598" with no OSError in the chain: a
+    # failure that leaves less free than a checkpoint takes is the full disk; with room, it is itself
+    from torch.distributed.checkpoint import CheckpointException, filesystem
+
+    free: dict[str, int | None] = {"bytes": None}  # the real figure until the write fails
+    real_usage, real_write_item = shutil.disk_usage, filesystem._write_item
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real_usage(path)._replace(free=free["bytes"] or real_usage(path).free))
+
+    def write_item(transforms, stream, *args, **kwargs):
+        if f"{FULL_AT}.partial" in Path(stream.name).parts:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+        return real_write_item(transforms, stream, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "_write_item", write_item)
+    roomy = crash_config(tiny_config, tmp_path / "roomy", steps=STEPS, **{"checkpoint.async_save": False})
+    with pytest.raises(CheckpointException, match="unexpected pos 704 vs 598"):
+        train(roomy)
+
+    full = crash_config(tiny_config, tmp_path / "full", steps=STEPS, **{"checkpoint.async_save": False})
+
+    def fail_on_a_full_disk(transforms, stream, *args, **kwargs):
+        if f"{FULL_AT}.partial" in Path(stream.name).parts:
+            free["bytes"] = 4096  # after the check before the save: what the failed write left
+        return write_item(transforms, stream, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem, "_write_item", fail_on_a_full_disk)
+    with pytest.raises(DiskFullError) as caught:
+        train(full)
+    assert_named(caught.value, full.run_dir, checkpoint_bytes(full.run_dir, EVERY), free=4096)
+    assert [e["step"] for e in read_manifest(full.run_dir)] == [EVERY]
+
+
 def small_tmpfs(path: Path, size: str) -> None:
     path.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
