@@ -88,7 +88,7 @@ def test_dtr_bench_overhead_reports_median_spread_and_target(tmp_path):
 
     out = tmp_path / "overhead.json"
     done = subprocess.run([DTR_BENCH, "overhead", "--rounds", "3", "--steps", "4", "--warmup", "1", "--batch", "8",
-                           "--depth", "1", "--hidden-size", "32", "--input-size", "8", "--out", str(out)],
+                           "--depth", "1", "--hidden-size", "32", "--heads", "4", "--input-size", "8", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(out.read_text())
