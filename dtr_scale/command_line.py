@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from hydra._internal.hydra import Hydra
     from omegaconf import DictConfig
 
     from dtr_scale.config import TrainConfig
@@ -162,9 +163,6 @@ def _full_error(on: bool) -> Iterator[None]:
             os.environ[FULL_ERROR_ENV] = before
 
 
-HELP_FLAGS = ("-h", "--help")
-
-
 def config_groups(roots: list[Path]) -> str:
     """Hydra's $APP_CONFIG_GROUPS, one `group: option, ...` line per folder of YAML files under
     `roots`. Read from the folders: Hydra's own listing copies its config repository once per
@@ -178,37 +176,79 @@ def config_groups(roots: list[Path]) -> str:
     return "".join(f"{group}: {', '.join(sorted(options))}\n" for group, options in sorted(groups.items()))
 
 
-def take_config_dir(args: list[str]) -> tuple[Path | None, list[str]]:
-    """(--config-dir DIR / --config-dir=DIR / -cd DIR, the other args)."""
-    rest, config_dir, it = [], None, iter(args)
-    for arg in it:
-        if arg in ("--config-dir", "-cd"):
-            config_dir = Path(next(it, ".")).resolve()
-        elif arg.startswith("--config-dir="):
-            config_dir = Path(arg.split("=", 1)[1]).resolve()
-        else:
-            rest.append(arg)
-    return config_dir, rest
+def hydra_args(overrides: list[str]) -> argparse.Namespace:
+    """The command line parsed as hydra.main parses it (its flags, and the overrides)."""
+    from hydra._internal.utils import get_args_parser  # hydra.main's own parser: no public one
+
+    return get_args_parser().parse_args(overrides)
 
 
-def print_help(config_name: str, args: list[str]) -> None:
+# Hydra's flags answered by run_once; with any other (-m, --info, --hydra-help, -cn, ...) hydra.main runs.
+RUN_ONCE_FLAGS = ("overrides", "help", "cfg", "resolve", "package", "run", "config_dir")
+
+
+def runs_once(args: argparse.Namespace) -> bool:
+    """A single run, --help or --cfg, each composing the config once (run_once)."""
+    others = {key for key, value in vars(args).items() if value and key not in RUN_ONCE_FLAGS}
+    if args.help:  # hydra.main answers --help before looking at the other flags
+        return not others & {"config_name", "config_path"}
+    # --run with --cfg, or --resolve without --cfg: hydra.main reports them
+    return not others and not (args.run and args.cfg) and not (args.resolve and args.cfg is None)
+
+
+def main_hydra(config_name: str, config_dir: str | None) -> Hydra:
+    """Hydra's application object with hydra.main's search path: the packaged configs, then a user's
+    --config-dir (hydra/_internal/utils.py: _run_hydra). hydra-core has no public API for a run
+    with its run directory, callbacks and job logging, so this is hydra._internal (pinned <1.4)."""
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.errors import SearchPathException
+
+    version.setbase("1.3")
+    search_path = create_config_search_path(HYDRA_CONFIG_PATH)
+    if config_dir is not None:
+        absolute = os.path.abspath(config_dir)
+        if not os.path.isdir(absolute):
+            raise SearchPathException(f"Additional config directory '{absolute}' not found")
+        search_path.prepend(provider="command-line", path=f"file://{absolute}",
+                            anchor=SearchPathQuery(provider="schema"))
+    return Hydra.create_main_hydra2(task_name=config_name, config_search_path=search_path)
+
+
+def print_help(app: Hydra, config_name: str, args: argparse.Namespace) -> None:
     """What Hydra's --help prints (the config's hydra.help template: groups, composed config),
-    composed with Hydra's compose API and the group listing above, in a fraction of the time."""
-    from hydra import compose, initialize_config_module
+    with the group listing above, in a fraction of the time."""
+    from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
-    config_dir, args = take_config_dir(args)
-    overrides = [arg for arg in args if arg not in HELP_FLAGS]
-    if config_dir is not None:
-        overrides.append(f"hydra.searchpath=[file://{config_dir}]")
-    with initialize_config_module(config_module=HYDRA_CONFIG_PATH.removeprefix("pkg://"), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    cfg = app.compose_config(config_name=config_name, overrides=args.overrides, run_mode=RunMode.RUN)
     template = string.Template(cfg.hydra.help.template)
     with open_dict(cfg):
         del cfg["hydra"]
-    roots = [Path(__file__).parent / "configs", *([config_dir] if config_dir else [])]
+    roots = [Path(__file__).parent / "configs", *([Path(args.config_dir).resolve()] if args.config_dir else [])]
     print(template.safe_substitute(APP_CONFIG_GROUPS=config_groups(roots), CONFIG=OmegaConf.to_yaml(cfg),
                                    FLAGS_HELP="", HYDRA_CONFIG_GROUPS=""))
+
+
+def run_once(config_name: str, task: Callable[[DictConfig], None], args: argparse.Namespace) -> None:
+    """--help, --cfg, or a single run, as hydra.main does each (run directory, .hydra/, job logging,
+    callbacks) with the config composed once: before a run hydra.main composes it a first time only to
+    read hydra.mode, which no config here sets (hydra/_internal/utils.py: _run_hydra, Hydra.get_mode)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    app = main_hydra(config_name, args.config_dir)
+    try:
+        if args.help:
+            print_help(app, config_name, args)
+        elif args.cfg:
+            app.show_cfg(config_name=config_name, overrides=args.overrides, cfg_type=args.cfg, package=args.package,
+                         resolve=args.resolve)
+        else:  # hydra.mode=RUN: what hydra.main adds when the config names no mode, saved with the run
+            app.run(config_name=config_name, task_function=task, overrides=[*args.overrides, "hydra.mode=RUN"])
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def run_hydra(command: str, config_name: str, task: Callable[[DictConfig], None], args: list[str]) -> None:
@@ -216,19 +256,12 @@ def run_hydra(command: str, config_name: str, task: Callable[[DictConfig], None]
     --help, --cfg job, --config-dir and -m are Hydra's. Errors follow the module's convention:
     what Hydra raises while composing (or a launch check in a Hydra callback) is a config error,
     what the task raises a failure."""
-    import hydra
-
     verbose, args = take_verbose(args)
     with errors_reported(command, verbose):
         refuse_model_name_alone(args)
     overrides = hydra_overrides(command, args)
-    if any(flag in overrides for flag in HELP_FLAGS):
-        try:
-            print_help(config_name, overrides)
-        except Exception as err:
-            _exit_hydra_error(command, err, verbose)
-        return
-    sys.argv = [f"dtr-scale {command}", *overrides]
+    sys.argv = [f"dtr-scale {command}", *overrides]  # argparse's usage line, and hydra.main's command line
+    parsed = hydra_args(overrides)
 
     @functools.wraps(task)
     def reported(raw: DictConfig) -> None:
@@ -240,7 +273,12 @@ def run_hydra(command: str, config_name: str, task: Callable[[DictConfig], None]
     # to raise: then it raises, and the error is reported here like any other config error.
     with _full_error(True):
         try:
-            hydra.main(config_path=HYDRA_CONFIG_PATH, config_name=config_name, version_base="1.3")(reported)()
+            if runs_once(parsed):
+                run_once(config_name, reported, parsed)
+            else:
+                import hydra
+
+                hydra.main(config_path=HYDRA_CONFIG_PATH, config_name=config_name, version_base="1.3")(reported)()
         except Exception as err:
             _exit_hydra_error(command, err, verbose)
 

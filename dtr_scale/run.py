@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
     from dtr_scale.train.loop import TrainResult
 
-# torch, DCP, submitit and the trainer are imported where a run starts, not here: --help, --cfg
-# job and a refused config answer in well under a second (tests/test_cli.py times them).
+# torch, DCP, submitit, numpy and the trainer are imported where a run starts, not here: --help,
+# --cfg job and a refused config answer without them (tests/test_cli.py checks none is imported).
 
 log = logging.getLogger("dtr_scale")
 
@@ -218,8 +218,10 @@ def job_config(config: DictConfig) -> DictConfig:
 class LaunchCheck(Callback):
     """Hydra calls on_run_start after composing the config and before it creates the run directory
     (train.yaml names this callback): a launch that cannot work stops here, leaving no runs/DATE/TIME.
-    Exceptions in callbacks only warn in Hydra, so it exits itself. (Multirun jobs are checked by
-    train_command, inside the directory their sweep made.)"""
+    Exceptions in callbacks only warn in Hydra, so it exits itself. A multirun calls no on_run_start:
+    train_command checks each of its jobs, inside the directory their sweep made."""
+
+    passed = False  # in this process: train_command does not check the run again (a remote manifest, twice)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.job.name != "train":
@@ -229,13 +231,14 @@ class LaunchCheck(Callback):
             checked_config(job_config(config))
         except ConfigError as err:
             exit_config_error("train", err)
+        LaunchCheck.passed = True
 
 
 def train_command(raw: DictConfig) -> None:
     from dtr_scale.launch.follow import JobFailed
 
     try:
-        cfg = checked_config(raw)
+        cfg = absolute_paths(to_train_config(raw)) if LaunchCheck.passed else checked_config(raw)
         if launched_rank() == 0:  # once per run: torchrun's other ranks find it applied
             start_from(cfg)  # resume_from: the chosen checkpoint becomes the latest, the later ones moved aside
     except ConfigError as err:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from dtr_scale.io import read_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("mds", "webdataset")
@@ -54,6 +56,8 @@ def build_tar_index(tar_path: str) -> np.ndarray:
     Tar has no index of its own; this one lets the loader read any sample with one seek and read, so webdataset
     shards follow the same global sample order as MDS (see loader.py).
     """
+    import numpy as np  # here, not at the top: the launch checks read manifests on login nodes without it
+
     rows: dict[str, list[int]] = {}
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
