@@ -4,6 +4,7 @@ groups and an example), and a wrong config fails before anything starts."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,36 +106,130 @@ def test_a_users_config_dir_layers_on_the_packaged_configs(tmp_path):
 
 
 WITHOUT_TORCH = """
-import sys, time
-start = time.perf_counter()
+import sys
 sys.argv = ["dtr-scale", *sys.argv[1:]]
 from dtr_scale.cli import main
 try:
     main()
 finally:
-    print(f"torch imported: {'torch' in sys.modules}; submitit imported: {'submitit' in sys.modules}; "
-          f"seconds: {time.perf_counter() - start:.2f}", file=sys.stderr)
+    print("imported:", *(name for name in ("torch", "submitit", "numpy") if name in sys.modules), file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("args, code", [
-    (["train", "--help"], 0),
-    (["train", "--cfg", "job"], 0),
-    (["train", "routing.beta=0"], 2),  # a value the schema refuses
-    (["train", "data.embedded=false", "data.path=nowhere"], 2),  # a launch check
-    (["train", "model=dit_xxl"], 2),  # Hydra's own composition error
-    (["plan", "--help"], 0),
-    (["plan", "--cfg", "job"], 0),
-    (["plan", "global_batch_size=257"], 2),  # the typed config's check, before the planner is imported
-    (["plan", "model=dit_xxl"], 2),
+@pytest.mark.parametrize("args, code, error", [
+    (["train", "--help"], 0, None),
+    (["train", "--cfg", "job"], 0, None),
+    (["train", "model.bogus=1"], 2, "Could not override 'model.bogus'. To append to your config use +model.bogus=1"),
+    (["train", "model=dit_xxl"], 2, "In 'train': Could not find 'model/dit_xxl'"),  # Hydra's own composition error
+    (["train", "routing.beta=0"], 2, "routing.beta"),  # a value the schema refuses
+    (["train", "global_batch_size=36"], 2, "global_batch_size: per-rank batch 18 (= 36 / world_size 2"),
+    (["train", "data.embedded=false", "data.path=nowhere", "eval.inline=false"], 2,  # a launch check
+     "data.path: no manifest.json at {tmp_path}/nowhere"),
+    (["plan", "--help"], 0, None),
+    (["plan", "--cfg", "job"], 0, None),
+    (["plan", "global_batch_size=257"], 2, "global_batch_size: 257 is not divisible by world_size=2"),
+    (["plan", "model.bogus=1"], 2, "Could not override 'model.bogus'"),
+    (["plan", "model=dit_xxl"], 2, "In 'train': Could not find 'model/dit_xxl'"),  # plan.yaml extends train.yaml
 ])
-def test_help_the_config_and_config_errors_answer_without_importing_torch(args, code, tmp_path):
-    """Login nodes: these answer in a fraction of the 3 s that importing torch and DCP takes."""
+def test_help_the_config_and_config_errors_answer_without_importing_torch(args, code, error, tmp_path):
+    """Login nodes: these answer in a fraction of the 3 s that importing torch and DCP takes, with
+    one line on stderr for an error, and write nothing."""
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert done.returncode == code, done.stderr
-    assert "torch imported: False; submitit imported: False" in done.stderr
+    *lines, imported = done.stderr.splitlines()
+    assert imported == "imported:"  # neither torch, submitit nor numpy
+    if error is None:
+        assert lines == [] and done.stdout
+    else:
+        [line] = lines
+        assert line.startswith(f"dtr-scale {args[0]}: config error: {error.format(tmp_path=tmp_path)}"), line
     assert list(tmp_path.iterdir()) == []
+
+
+HYDRA_MAIN_OR_RUN_HYDRA = """
+import logging, sys
+from hydra.core.hydra_config import HydraConfig
+
+def task(cfg):
+    logging.getLogger("dtr_scale").info("job %s, run dir %s", HydraConfig.get().job.name, cfg.run_dir)
+
+which, *args = sys.argv[1:]
+if which == "hydra.main":
+    import hydra
+    sys.argv = ["dtr-scale train", *args]
+    hydra.main(config_path="pkg://dtr_scale.configs", config_name="train", version_base="1.3")(task)()
+else:
+    from dtr_scale.command_line import run_hydra
+    run_hydra("train", "train", task, args)
+"""
+
+
+def test_a_run_composed_once_gets_what_hydra_main_gives_it(tmp_path):
+    """Composing once (hydra.main composes a run's config twice) keeps Hydra's run: the same .hydra/
+    files, HydraConfig inside the task, the job's log file, and the same --cfg job text."""
+    def run_with(which: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", HYDRA_MAIN_OR_RUN_HYDRA, which, *args], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+
+    run_dir, overrides = tmp_path / "run", ["cluster=none", "logging.wandb=disabled", "model=dit_b2"]
+    # run_hydra adds hydra.run.dir=RUN for run_dir=RUN itself; hydra.main is given it
+    assert run_with("hydra.main", f"hydra.run.dir={run_dir}", f"run_dir={run_dir}", *overrides).returncode == 0
+    hydras = {path.name: path.read_text() for path in (run_dir / ".hydra").iterdir()}
+    hydras_log = (run_dir / "train.log").read_text()
+    shutil.rmtree(run_dir)
+    ours = run_with("run_hydra", f"run_dir={run_dir}", *overrides)
+    assert ours.returncode == 0, ours.stderr
+    assert {path.name: path.read_text() for path in (run_dir / ".hydra").iterdir()} == hydras
+    assert sorted(hydras) == ["config.yaml", "hydra.yaml", "overrides.yaml"] and "model: dit_b2" in hydras["hydra.yaml"]
+    [line] = (run_dir / "train.log").read_text().splitlines()
+    assert line.endswith(f"[dtr_scale][INFO] - job train, run dir {run_dir}") and hydras_log.endswith(line[25:] + "\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    shown = [run_with(which, "--cfg", "job", *overrides) for which in ("hydra.main", "run_hydra")]
+    assert shown[0].returncode == shown[1].returncode == 0 and "  name: DiT-B/2\n" in shown[0].stdout
+    assert shown[1].stdout == shown[0].stdout
+
+
+COUNTED_LAUNCH_CHECKS = """
+import logging, sys
+import dtr_scale.preflight as preflight
+import dtr_scale.run as run
+from hydra.core.hydra_config import HydraConfig
+
+checks = preflight.launch_problems
+def counted(cfg):
+    print("launch checks of", cfg.run_dir, flush=True)
+    return checks(cfg)
+preflight.launch_problems = counted
+# What is counted is the command's path to training, not training itself: each job logs instead.
+run.run_training = lambda cfg: logging.getLogger("dtr_scale").info("training %s", cfg.run_dir)
+sys.argv = ["dtr-scale", "train", *sys.argv[1:]]
+from dtr_scale.cli import main
+main()
+"""
+
+
+def test_the_launch_checks_run_once_per_launch(tmp_path):
+    """Before the run directory is made (Hydra's callback), not a second time in the job: a remote
+    dataset's manifest is fetched once. A multirun checks each job once, in its own directory."""
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", COUNTED_LAUNCH_CHECKS, *args, "cluster=none", "data=synthetic",
+                               "logging.wandb=disabled"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    single = train(f"run_dir={tmp_path}/run")
+    assert single.returncode == 0, single.stderr
+    assert [line for line in single.stdout.splitlines() if line.startswith("launch checks")] == [
+        f"launch checks of {tmp_path}/run"]
+    assert (tmp_path / "run" / "train.log").read_text().endswith(f"[dtr_scale][INFO] - training {tmp_path}/run\n")
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()
+    sweep = train("-m", "seed=1,2")
+    assert sweep.returncode == 0, sweep.stderr
+    [day] = (tmp_path / "multirun").iterdir()
+    [time] = day.iterdir()
+    assert [line for line in sweep.stdout.splitlines() if line.startswith("launch checks")] == [
+        f"launch checks of {time}/0", f"launch checks of {time}/1"]
+    for job in ("0", "1"):
+        assert (time / job / "train.log").read_text().endswith(f"[dtr_scale][INFO] - training {time}/{job}\n")
 
 
 def test_an_unknown_command_is_named_and_exits_2():
