@@ -62,5 +62,19 @@ def test_scale_benchmark_refuses_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     done = subprocess.run([dtr_bench(), "scale", "--fraction", "0.0001", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "is not empty and holds no scale_report.json" in done.stderr
+    assert done.returncode == 2, done.stderr  # a usage error, as for every command (command_line's exit statuses)
+    assert done.stderr == (f"dtr-bench scale: config error: --out {tmp_path} is not empty and holds no "
+                           "scale_report.json of an earlier run; give a new or empty directory (the benchmark writes "
+                           "gigabytes there and replaces its own files)\n")
     assert (tmp_path / "precious.txt").read_text() == "keep me" and sorted(os.listdir(tmp_path)) == ["precious.txt"]
+
+
+def test_scale_benchmark_usage_errors_exit_2_naming_the_option(tmp_path):
+    for args, error in ((["--fraction", "2"], "--fraction must be in (0, 1], got 2.0"),
+                        (["--read-threads", "-1"], "--read-threads must be >= 0, got -1"),
+                        (["--bogus"], "unrecognized arguments: --bogus")):
+        done = subprocess.run([dtr_bench(), "scale", "--out", str(tmp_path / "out"), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.startswith("usage: dtr-bench scale ") and f"dtr-bench scale: error: {error}\n" in done.stderr
+        assert not (tmp_path / "out").exists()

@@ -11,7 +11,8 @@ latent has the SD-VAE's 256 px shape. Measured:
 
     prep      chunks (shards) written per second; bytes on disk against the planner's estimate (plan/storage.py)
     loader    samples/s per process and per loader worker at each world size (processes on this machine,
-              integrity checks on), and the bytes one start reads against the bytes its batches hold
+              integrity checks on, each worker reading `--read-threads` samples at once), and the bytes one
+              start reads against the bytes its batches hold
     startup   seconds from `python` starting to the first batch: cold (no verified mark: the one full hash)
               and after a requeue (the mark kept)
     requeue   the real model (default DiT-L/2) with AdamW, fp32 on the CPU: a torch.distributed.checkpoint
@@ -40,6 +41,7 @@ import time
 import numpy as np
 
 from dtr_scale.benchmarks.bench_data import NoisyPixelAutoencoder
+from dtr_scale.config import ConfigError, DataConfig
 from dtr_scale.data.integrity import MARK_NAME
 from dtr_scale.data.shard_format import read_manifest
 from dtr_scale.data_prep.merge import merge
@@ -52,6 +54,7 @@ NUM_CLASSES = 1000
 RESOLUTION = 64  # the pixel autoencoder's 64 px latent is 4 x 32 x 32, the SD-VAE's at 256 px
 LATENT = (4, 32, 32)
 REPORT_NAME = "scale_report.json"
+READ_THREADS = DataConfig.read_threads
 TARGETS = {"bytes_read_per_start_ratio": 1.1, "startup_s": 30.0, "loader_samples_per_s_2_workers": 10_000,
            "load_over_read_ratio": 2.0}
 
@@ -103,7 +106,8 @@ def cpu_seconds(process) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
-def loader_process(path: str, rank: int, world: int, workers: int, batch: int, steps: int, results) -> None:
+def loader_process(path: str, rank: int, world: int, workers: int, threads: int, batch: int, steps: int,
+                   results) -> None:
     """One rank: build the loader, read `steps` batches after a warm-up, report rate and bytes read."""
     import torch
 
@@ -113,7 +117,7 @@ def loader_process(path: str, rank: int, world: int, workers: int, batch: int, s
     me = import_extra("psutil").Process()
     before = read_chars(me)
     loader = build_shard_loader(path, format="mds", global_batch_size=batch, rank=rank, world_size=world, seed=0,
-                                num_workers=workers)
+                                num_workers=workers, read_threads=threads)
     warmup = 2 * max(workers, 1)  # start the workers, fill their prefetch queues
     for _ in range(warmup):
         next(loader)
@@ -128,14 +132,16 @@ def loader_process(path: str, rank: int, world: int, workers: int, batch: int, s
                  "bytes_read": read, "steps_read": warmup + steps})
 
 
-def bench_loader(path: str, worlds: list[int], workers: int, batch: int, steps: int) -> dict:
+def bench_loader(path: str, worlds: list[int], workers: int, threads: int, batch: int, steps: int) -> dict:
     manifest = read_manifest(path)
     record = sum(e["bytes"] for e in manifest["shards"]) / manifest["num_samples"]  # an MDS sample, with framing
     context = multiprocessing.get_context("fork")
-    out = {"workers": workers, "global_batch": batch, "steps": steps, "sample_record_bytes": record, "by_world": {}}
+    out = {"workers": workers, "read_threads": threads, "global_batch": batch, "steps": steps,
+           "sample_record_bytes": record, "by_world": {}}
     for world in worlds:
         results = context.Queue()
-        procs = [context.Process(target=loader_process, args=(path, r, world, workers, batch, steps, results))
+        procs = [context.Process(target=loader_process,
+                                 args=(path, r, world, workers, threads, batch, steps, results))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -159,23 +165,23 @@ STARTUP = textwrap.dedent("""
     import sys, time
     from dtr_scale.data.loader import build_shard_loader
     loader = build_shard_loader(sys.argv[1], format="mds", global_batch_size=256, rank=0, world_size=1, seed=0,
-                                num_workers=int(sys.argv[2]))
+                                num_workers=int(sys.argv[2]), read_threads=int(sys.argv[3]))
     next(loader)
     print(time.time())
 """)
 
 
-def start_to_first_batch(path: str, workers: int) -> float:
+def start_to_first_batch(path: str, workers: int, threads: int) -> float:
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", STARTUP, path, str(workers)], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run([sys.executable, "-c", STARTUP, path, str(workers), str(threads)], capture_output=True,
+                          text=True, check=True)
     return float(done.stdout.split()[-1]) - started
 
 
-def bench_startup(path: str, workers: int) -> dict:
+def bench_startup(path: str, workers: int, threads: int) -> dict:
     os.remove(os.path.join(path, MARK_NAME))  # as on a copy of the dataset, or a dataset version never read here
-    cold = start_to_first_batch(path, workers)
-    return {"workers": workers, "cold_s": cold, "requeue_s": start_to_first_batch(path, workers)}
+    cold = start_to_first_batch(path, workers, threads)
+    return {"workers": workers, "cold_s": cold, "requeue_s": start_to_first_batch(path, workers, threads)}
 
 
 REQUEUE = textwrap.dedent("""
@@ -262,8 +268,8 @@ def bench_requeue(model: str, directory: str) -> dict:
 def prepare_out_dir(out: str) -> None:
     """OUT is new, empty, or an earlier scale run's (whose data and checkpoint are replaced)."""
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, REPORT_NAME)):
-        sys.exit(f"dtr-bench scale: --out {out} is not empty and holds no {REPORT_NAME} of an earlier run; "
-                 "give a new or empty directory (the benchmark writes gigabytes there and replaces its own files)")
+        raise ConfigError(f"--out {out} is not empty and holds no {REPORT_NAME} of an earlier run; give a new or "
+                          "empty directory (the benchmark writes gigabytes there and replaces its own files)")
     for name in ("data", "checkpoint"):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
@@ -278,7 +284,8 @@ def summary(report: dict) -> list[str]:
     for world, row in loader["by_world"].items():
         lines.append(f"loader    world {world}: {row['samples_per_s_total']:,.0f} samples/s in all, "
                      f"{row['samples_per_s_per_process']:,.0f} per process, {row['samples_per_s_per_worker']:,.0f} "
-                     f"per worker ({loader['workers']} each); {row['cpu_us_per_sample']:.0f} CPU-us/sample (idle cores: "
+                     f"per worker ({loader['workers']} each, {loader['read_threads']} read threads); "
+                     f"{row['cpu_us_per_sample']:.0f} CPU-us/sample (idle cores: "
                      f"{1e6 / row['cpu_us_per_sample']:,.0f} samples/s each); a start read "
                      f"{row['bytes_read_per_start'] / 1e6:,.1f} MB = {row['bytes_read_over_bytes_used']:.3f} x its "
                      "batches' bytes")
@@ -301,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="working directory: the dataset, the checkpoint, the report")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per chunk (prep's default)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per process")
+    parser.add_argument("--read-threads", type=int, default=READ_THREADS,
+                        help=f"samples each worker reads at once, as data.read_threads (default {READ_THREADS}; "
+                             "0 or 1: one by one)")
     parser.add_argument("--world-sizes", default="1,2,8", help="loader processes on this machine, comma-separated")
     parser.add_argument("--batch", type=int, default=256, help="global batch (the paper's)")
     parser.add_argument("--steps", type=int, default=40, help="timed loader steps per world size")
@@ -308,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.read_threads < 0:
+        parser.error(f"--read-threads must be >= 0, got {args.read_threads}")
     logging.basicConfig(level=logging.WARNING)
     prepare_out_dir(args.out)
     data = os.path.join(args.out, "data")
@@ -315,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     worlds = [int(w) for w in args.world_sizes.split(",")]
     report = {"fraction": args.fraction, "cpu_count": os.cpu_count(), "targets": TARGETS,
               "prep": bench_prep(data, num_images, args.shard_size)}
-    report["loader"] = bench_loader(data, worlds, args.workers, args.batch, args.steps)
-    report["startup"] = bench_startup(data, args.workers)
+    report["loader"] = bench_loader(data, worlds, args.workers, args.read_threads, args.batch, args.steps)
+    report["startup"] = bench_startup(data, args.workers, args.read_threads)
     if args.model != "none":
         report["requeue"] = bench_requeue(args.model, os.path.join(args.out, "checkpoint"))
     with open(os.path.join(args.out, REPORT_NAME), "w") as f:

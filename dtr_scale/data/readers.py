@@ -3,7 +3,10 @@
 Both formats are read by position so that one sampler (order.py) decides the order for both. MDS goes
 through streaming's random-access reader (`LocalDataset` finds a sample's bytes); webdataset tars through
 the per-shard offset index written beside each tar at prep time (`build_tar_index`).
-Readers open files per read and hold no handles, so they are safe to build before DataLoader workers fork.
+Readers open files per read and hold no handles, so they are safe to build before DataLoader workers fork,
+and safe to call from the read threads of a worker (loader.py): a shard's first touch takes a lock.
+A tar's offset index is read by row, like the per-sample hashes (integrity.read_row): a start at 8 ranks
+reads a few samples of each shard, not each shard's whole index.
 Integrity (integrity.py): a shard's first read makes sure it was hashed once against manifest.json (a stat
 against the shared verified mark, usually), and every sample read is compared with the hash prep stored
 for it, so a damaged shard stops training naming the shard and the sample, never feeds it wrong numbers.
@@ -16,7 +19,7 @@ import os
 
 import numpy as np
 
-from dtr_scale.data.integrity import ShardChecks
+from dtr_scale.data.integrity import NpyRows, ShardChecks, npy_rows, read_row
 from dtr_scale.data.remote import Fetcher
 from dtr_scale.data.shard_format import ShardDataError, build_tar_index, tar_index_path
 
@@ -91,7 +94,9 @@ class TarReader:
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self._indexes: dict[int, np.ndarray] = {}  # loaded on first use: a worker may touch few shards
+        self._counts = counts
+        # on first use: the sidecar's layout (its rows are read one at a time), or an index built from the tar
+        self._indexes: dict[int, NpyRows | np.ndarray] = {}
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
         _check_count(root, int(self._starts[-1]), manifest)
@@ -99,19 +104,22 @@ class TarReader:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _index(self, shard: int, position: int) -> np.ndarray:
-        """The shard's offset index, after checking the shard (and its index file) against the manifest."""
+    def _index_row(self, shard: int, index: int, position: int) -> np.ndarray:
+        """(offset, bytes, label) of sample `index` of the shard, after checking the shard (and its index file)
+        against the manifest on its first read."""
         if shard not in self._indexes:
             self._checks.ready(shard, position)
             path = self._paths[shard]
             sidecar = tar_index_path(path)
-            self._indexes[shard] = np.load(sidecar) if os.path.exists(sidecar) else build_tar_index(path)
-        return self._indexes[shard]
+            self._indexes[shard] = (npy_rows(sidecar, np.int64, (int(self._counts[shard]), 3))
+                                    if os.path.exists(sidecar) else build_tar_index(path))
+        rows = self._indexes[shard]
+        return read_row(rows, index) if isinstance(rows, NpyRows) else rows[index]
 
     def read(self, position: int) -> tuple[np.ndarray, int]:
         """(moments [2, 2C, h, w], label) of the sample at this global position."""
         shard = int(np.searchsorted(self._starts, position, side="right")) - 1
-        offset, nbytes, label = self._index(shard, position)[position - self._starts[shard]]
+        offset, nbytes, label = self._index_row(shard, position - int(self._starts[shard]), position)
         with open(self._paths[shard], "rb", buffering=0) as f:
             f.seek(int(offset))
             data = f.read(int(nbytes))

@@ -15,7 +15,8 @@ over a damaged checkpoint to the one before, so a crash, a truncated file or a
 flipped bit leaves an earlier checkpoint to resume from.
 
 A full disk is named, not met as a bare errno: a save is not started where the filesystem
-has less free than the newest checkpoint takes (the next one holds the same tensors), and a
+has less free than the newest checkpoint takes (the next one holds the same tensors) or, for
+the first save of a run, than the state about to be written takes (`state_bytes`), and a
 save that runs out of space anyway is a DiskFullError naming the filesystem, the checkpoint,
 the bytes it takes and the bytes free; its partial directory is removed to give the space back.
 
@@ -38,9 +39,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 from dtr_scale.config import CheckpointConfig, TrainConfig, to_train_config
 from dtr_scale.io import (
@@ -57,13 +60,50 @@ log = logging.getLogger(__name__)
 
 
 class StateFiles(Protocol):
-    """What the manager calls of a backend (`train.backends.Backend` has both): write and read its files."""
+    """What the manager calls of a backend (`train.backends.Backend` has all three): write and read its
+    files, and the optimizer's parameter groups, which size the first save."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        ...
 
     def save(self, path: Path, *, extra: Mapping[str, Stateful] = ..., asynchronous: bool = False) -> Future | None:
         ...
 
     def load(self, path: Path, *, extra: Mapping[str, Stateful] = ...) -> None:
         ...
+
+
+def tensors_in(state: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a state dict's nested dicts, lists and tuples."""
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, Mapping):
+        for value in state.values():
+            yield from tensors_in(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from tensors_in(value)
+
+
+def written_bytes(tensor: torch.Tensor, rank: int) -> int:
+    """Bytes of `tensor` that this rank writes into a DCP checkpoint: its shard of a sharded (FSDP2)
+    tensor; all of a replicated one on rank 0 and none elsewhere (DCP writes one copy of those)."""
+    if isinstance(tensor, DTensor):
+        local = tensor.to_local()
+        return local.numel() * local.element_size()
+    return tensor.numel() * tensor.element_size() if rank == 0 else 0
+
+
+def state_bytes(param_groups: list[dict[str, Any]], extra: Mapping[str, Stateful], rank: int) -> int:
+    """This rank's share of the bytes a checkpoint takes, at least: Backend.save writes each parameter
+    with AdamW's two moments (exp_avg, exp_avg_sq: build_optimizer), the EMA copy of the "model" group,
+    and the tensors of the `extra` states. A lower bound (no file framing), so a save is refused only
+    where it surely cannot fit."""
+    copies = {"model": 4}  # weights, EMA, two moments; other groups (ANT-UW's log-variances) have no EMA
+    params = sum(copies.get(group.get("name"), 3) * written_bytes(p, rank)
+                 for group in param_groups for p in group["params"])
+    return params + sum(written_bytes(t, rank) for obj in extra.values() for t in tensors_in(obj.state_dict()))
 
 
 def _finish_write(save: Future, partial: Path, hash_here: bool) -> dict[str, str]:
@@ -170,12 +210,18 @@ class CheckpointManager:
 
     def _require_space(self, step: int) -> None:
         """Refuse to start checkpoint `step` where its filesystem cannot hold one as big as the
-        newest complete one; rank 0 checks, and every rank raises the same error."""
+        newest complete one, or as the state about to be written (the first save of a run has no
+        newest to go by); rank 0 checks, and every rank raises the same error."""
+        share = state_bytes(self.backend.param_groups, self.tensor_states, self.world.rank)
+        shares = [share]
+        if self.world.size > 1:
+            shares = [0] * self.world.size
+            dist.all_gather_object(shares, share)
         message = None
         if self.world.rank == 0:
+            needed = max(newest_checkpoint_bytes(self.root.parent), sum(shares))
             try:
-                require_free_space(self.root / f"{checkpoint_name(step)}.partial",
-                                   newest_checkpoint_bytes(self.root.parent), f"checkpoint step {step}",
+                require_free_space(self.root / f"{checkpoint_name(step)}.partial", needed, f"checkpoint step {step}",
                                    self._disk_full_advice())
             except DiskFullError as err:
                 message = str(err)

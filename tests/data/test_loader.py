@@ -1,4 +1,5 @@
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ from dtr_scale.data.readers import open_reader
 from dtr_scale.data.shard_format import ShardDataError
 
 
-def loader(path, fmt="mds", batch=16, rank=0, world=1, seed=0, workers=0, hflip=True):
+def loader(path, fmt="mds", batch=16, rank=0, world=1, seed=0, workers=0, hflip=True, read_threads=8):
     return build_shard_loader(path, format=fmt, global_batch_size=batch, rank=rank, world_size=world, seed=seed,
-                              num_workers=workers, hflip=hflip)
+                              num_workers=workers, hflip=hflip, read_threads=read_threads)
 
 
 def take(it, n):
@@ -39,6 +40,44 @@ def test_two_ranks_with_two_workers_read_disjoint_samples_covering_the_epoch(ide
     seen = torch.cat([per_rank[0], per_rank[1]])
     assert len(set(per_rank[0].tolist()) & set(per_rank[1].tolist())) == 0
     assert sorted(seen.tolist()) == list(range(200))
+
+
+@pytest.mark.parametrize("fmt", ["mds", "webdataset"])
+def test_read_threads_and_workers_do_not_change_the_batches(noisy_datasets, fmt, monkeypatch):
+    """A worker reads a batch's samples 8 at a time in threads: the batches are those read one by one, in
+    the same order, whatever the number of workers."""
+    path = noisy_datasets[fmt]
+    serial = take(loader(path, fmt, read_threads=1), 6)  # 6 steps of 16 over 64 samples: into epoch 1
+    reader_class = type(open_reader(path, read_manifest(path)))
+    threads = set()
+    real_read = reader_class.read
+    monkeypatch.setattr(reader_class, "read", lambda self, p: threads.add(threading.current_thread().name)
+                        or real_read(self, p))
+    for workers in (0, 2):
+        threaded = take(loader(path, fmt, workers=workers, read_threads=8), 6)
+        for step, ((xs, ys), (xt, yt)) in enumerate(zip(serial, threaded)):
+            assert torch.equal(xs, xt) and torch.equal(ys, yt), (workers, step)
+    assert len({name for name in threads if name.startswith("shard-read")}) > 1  # read concurrently here
+
+
+def test_threaded_reads_keep_each_sample_in_its_place(identity_datasets):
+    it = loader(identity_datasets["mds"], batch=40, read_threads=8)
+    for step in range(6):
+        latents, labels = next(it)
+        positions = torch.tensor(it.order.rank_positions(step))
+        assert torch.equal(sample_ids(latents), positions) and torch.equal(labels, positions % 10)
+
+
+def test_read_threads_come_from_the_config_and_a_negative_count_is_refused(identity_datasets):
+    from dtr_scale.config import ConfigError, to_train_config
+    from dtr_scale.train.components import build_loader
+
+    data = {"kind": "shards", "path": identity_datasets["mds"]}
+    cfg = to_train_config({"data": {**data, "read_threads": 3}, "global_batch_size": 8})
+    assert build_loader(cfg, rank=0, world_size=1).read_threads == 3
+    assert to_train_config({"data": data}).data.read_threads == 8
+    with pytest.raises(ConfigError, match=r"data.read_threads: got -1; must be >= 0 \(0 or 1: read the samples"):
+        to_train_config({"data": {**data, "read_threads": -1}})
 
 
 def test_latents_are_fresh_posterior_draws_of_image_or_flip(noisy_datasets):

@@ -264,3 +264,87 @@ def test_a_damaged_mark_costs_one_full_hash_not_the_run(identity_datasets, tmp_p
     read_an_epoch(root, "webdataset")
     files = {p for entry in read_manifest(root)["shards"] for p, _ in shard_files(entry)}
     assert len(hashed) == len(files) and set(read_mark(os.path.join(root, MARK_NAME))) == files
+
+
+# --- a sample's stored hash (and a tar's index row) is read alone ------------------------------
+
+def read_chars() -> int:
+    """Bytes this process has asked the kernel for so far (Linux's rchar: page-cache hits included)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_shards_first_read_reads_its_sample_and_a_few_bytes_more_not_its_whole_hash_file(identity_datasets,
+                                                                                          fmt):
+    # As a rank at world 8 does: one sample of each shard. The hash file of a 64-sample shard is 640 bytes
+    # (a tar's offset index 1,664): read whole, they would cost more than the sample's 512 bytes.
+    from dtr_scale.data.readers import open_reader
+
+    root = identity_datasets[fmt]
+    manifest = read_manifest(root)
+    reader = open_reader(root, manifest)
+    starts = np.cumsum([0] + [entry["samples"] for entry in manifest["shards"]])[:-1]
+    before = read_chars()
+    for position in starts + 5:
+        reader.read(int(position))
+    read = read_chars() - before
+    npy_header, proc_io = 128, 200  # the .npy header parsed once per shard; this test's own read of rchar
+    sample = SAMPLE_BYTES + 64 if fmt == "mds" else SAMPLE_BYTES  # MDS: its offsets, index, label, source too
+    row = 8 if fmt == "mds" else 8 + 24  # the sample's hash; a tar's index row besides
+    assert read <= len(starts) * (sample + npy_header * (1 if fmt == "mds" else 2) + row) + proc_io, read
+
+
+def write_npy_keeping_mtime(path, array):
+    stat = os.stat(path)
+    np.save(path, array)  # np.save appends .npy to a name without it; ours ends in .npy
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_hash_file_of_the_wrong_type_that_the_mark_trusts_is_named_at_the_read(identity_datasets, tmp_path):
+    root = copy_of(identity_datasets, "mds", tmp_path)
+    hashes = sample_hash_path(shard_path(root, 1))
+    write_npy_keeping_mtime(hashes, np.load(hashes).view(np.float64))  # same size: invisible to the mark
+    with pytest.raises(ShardDataError, match=rf"{hashes} holds float64 where prep writes uint64: it was damaged"):
+        read_an_epoch(root, "mds")
+
+
+def test_a_truncated_hash_file_is_named_before_the_first_batch(identity_datasets, tmp_path):
+    root = copy_of(identity_datasets, "mds", tmp_path)
+    hashes = sample_hash_path(shard_path(root, 1))
+    truncate(hashes)
+    with pytest.raises(ShardDataError, match=rf"shard {hashes} does not match the sha256"):
+        loader(root, "mds")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncated", r"is 4\d\d bytes where its header says 640"),
+    ("wrong count", r"holds an array of shape \(63,\), prep wrote \(64,\)"),
+    ("wrong dtype", "holds int32 where prep writes uint64"),
+    ("fortran order", r"holds an array of shape \(8, 8\) in Fortran order, prep wrote \(64,\)"),
+    ("not a .npy file", r"cannot be read as a .npy file \(the magic string is not correct"),
+])
+def test_a_damaged_hash_file_is_a_shard_error_naming_it(tmp_path, damage, problem):
+    path = str(tmp_path / "shard.00000.mds.xxh3.npy")
+    hashes = np.arange(64, dtype=np.uint64)
+    if damage == "truncated":
+        np.save(path, hashes)
+        truncate(path)
+    elif damage == "not a .npy file":
+        with open(path, "wb") as f:
+            f.write(hashes.tobytes())
+    else:
+        np.save(path, {"wrong count": hashes[:63], "wrong dtype": hashes.astype(np.int32),
+                       "fortran order": np.asfortranarray(hashes.reshape(8, 8).T)}[damage])
+    with pytest.raises(ShardDataError, match=rf"^{path} {problem}"):
+        integrity.npy_rows(path, np.uint64, (64,))
+
+
+def test_a_hash_file_cut_short_after_its_header_was_read_is_named_at_the_read(tmp_path):
+    path = str(tmp_path / "shard.00000.mds.xxh3.npy")
+    np.save(path, np.arange(64, dtype=np.uint64) * 3)
+    rows = integrity.npy_rows(path, np.uint64, (64,))
+    assert [int(integrity.read_row(rows, i)) for i in (0, 1, 63)] == [0, 3, 189]
+    truncate(path)
+    with pytest.raises(ShardDataError, match=rf"{path} was cut short after it was verified: row 63 of 64 is missing"):
+        integrity.read_row(rows, 63)

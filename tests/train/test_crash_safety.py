@@ -4,7 +4,7 @@ the weights of a run that was never killed; a stop never rewrites (so never dele
 the complete checkpoint of its own step; a truncated, missing or corrupted file in a
 checkpoint is detected, and the error names it.
 
-The killed runs are this file run as a script in child processes (one per rank).
+The killed runs are crash_child.py run as a script in child processes (one per rank).
 Inside them DCP's file writer is patched to write the first tensor of checkpoint k,
 flush it, tell the test through a file, and hang, so the SIGKILL lands mid-write every
 time rather than by luck of timing.
@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,49 +34,22 @@ from dtr_scale.train.checkpoint import (
     read_meta,
     require_complete,
 )
-from dtr_scale.train.components import config_from_dict, config_to_dict
+from dtr_scale.train.components import config_to_dict
 from dtr_scale.train.local import free_port, run_processes, stop_after
 from dtr_scale.train.loop import train
 from dtr_scale.train.metrics import read_metrics
+from tests.train.helpers import EVERY, STEPS, crash_config, final_weights, logged_losses
 
-EVERY, KILL_AT, STEPS = 2, 4, 6
+KILL_AT = 4
 REPO = Path(__file__).resolve().parents[2]
+CHILD = Path(__file__).with_name("crash_child.py")
 
-
-# --- the child: train until the write of checkpoint KILL_AT is under way, then hang ---------
-
-def hang_mid_write(step: int, signal_file: Path) -> None:
-    """Patch DCP so that writing checkpoint `step` stops after its first tensor, on disk."""
-    from torch.distributed.checkpoint import filesystem
-
-    real_write_item = filesystem._write_item
-    partial = f"{checkpoint_name(step)}.partial"
-
-    def write_item(transforms, stream, *args, **kwargs):
-        result = real_write_item(transforms, stream, *args, **kwargs)
-        if partial in Path(stream.name).parts:
-            stream.flush()
-            signal_file.touch()
-            threading.Event().wait()  # until the test's SIGKILL
-        return result
-
-    filesystem._write_item = write_item
-
-
-def child(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])  # the test process's count: same arithmetic, bitwise
-    hang_mid_write(KILL_AT, Path(f"{spec['signal']}.{os.environ['RANK']}"))
-    train(config_from_dict(spec["config"]))
-    sys.exit(f"training finished without ever writing checkpoint {KILL_AT}")
-
-
-# --- the test side ---------------------------------------------------------------------
 
 def kill_mid_write(cfg, tmp_path: Path, threads: int) -> None:
     """Run `cfg` on cfg.world_size child processes and SIGKILL them all once every rank is
     in the middle of writing checkpoint KILL_AT."""
-    spec = {"config": config_to_dict(cfg), "signal": str(tmp_path / "writing"), "threads": threads}
+    spec = {"config": config_to_dict(cfg), "signal": str(tmp_path / "writing"), "threads": threads,
+            "kill_at": KILL_AT}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
     port, n = free_port(), cfg.world_size
@@ -86,7 +58,7 @@ def kill_mid_write(cfg, tmp_path: Path, threads: int) -> None:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
         with open(tmp_path / f"child.{rank}.log", "w") as log:  # a file, not a pipe a chatty child could fill
-            procs.append(subprocess.Popen([sys.executable, __file__, str(spec_path)], env=env,
+            procs.append(subprocess.Popen([sys.executable, str(CHILD), str(spec_path)], env=env,
                                           stdout=log, stderr=subprocess.STDOUT))
     writing = [tmp_path / f"writing.{rank}" for rank in range(n)]
     try:
@@ -101,18 +73,6 @@ def kill_mid_write(cfg, tmp_path: Path, threads: int) -> None:
             p.kill()
             p.wait()
     assert [p.returncode for p in procs] == [-signal.SIGKILL] * n
-
-
-def final_weights(run_dir: str) -> dict[str, torch.Tensor]:
-    """Model and EMA weights of the run's latest checkpoint, read as the evaluator reads them."""
-    path = latest_checkpoint(run_dir)
-    return {f"{which}.{name}": value for which in ("model", "ema")
-            for name, value in load_model(path, use_ema=which == "ema")[0].state_dict().items()}
-
-
-def logged_losses(run_dir: str) -> list[tuple[int, float]]:
-    """(step, loss) of every metrics record, the killed run's and then the resumed run's."""
-    return [(r["step"], r["loss"]) for r in read_metrics(run_dir)]
 
 
 def assert_killed_mid_write(run_dir: str) -> None:
@@ -132,12 +92,6 @@ def assert_killed_mid_write(run_dir: str) -> None:
     require_complete(latest)
     assert read_meta(latest)["step"] == KILL_AT - EVERY
     load_model(latest)
-
-
-def crash_config(tiny_config, run_dir: Path, steps: int = STEPS, **overrides):
-    # no post-hoc EMA: its snapshots are not DCP's to write, and they cost time here
-    return tiny_config(run_dir=str(run_dir), steps=steps, phema_stds=[],
-                       **{"checkpoint.every": EVERY, "logging.every": 1, **overrides})
 
 
 @pytest.mark.parametrize("async_save", [True, False], ids=["async_save", "sync_save"])
@@ -297,6 +251,3 @@ def test_a_commit_interrupted_between_manifest_and_rename_is_completed(tiny_conf
     assert latest_checkpoint(cfg.run_dir, contents=True) == latest
     assert not list(checkpoint_dir(cfg.run_dir).glob("*.partial"))
 
-
-if __name__ == "__main__":
-    child(sys.argv[1])

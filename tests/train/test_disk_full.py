@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from dtr_scale.train.checkpoint import (
 from dtr_scale.train.loop import train
 from dtr_scale.train.phema import PosthocEMATracker, snapshot_dir
 from dtr_scale.world import World
-from tests.train.test_crash_safety import EVERY, crash_config, final_weights, logged_losses
+from tests.train.helpers import EVERY, crash_config, final_weights, logged_losses
 
 STEPS, FULL = 3 * EVERY, 2 * EVERY  # the save at EVERY fits, the one at FULL does not (in the background
 FULL_AT = checkpoint_name(FULL)      # with async_save: not the last step's, which is always synchronous)
@@ -99,9 +100,8 @@ def straight(tiny_config, tmp_path_factory):
 
 def test_a_save_that_cannot_fit_is_not_started(tiny_config, tmp_path, monkeypatch, straight):
     cfg = crash_config(tiny_config, tmp_path / "full", steps=STEPS)
-    little_free(monkeypatch, 1000)  # the first save has no size to go by; the second needs the first's
-    with pytest.raises(DiskFullError) as caught:
-        train(cfg)
+    with pytest.raises(DiskFullError) as caught:  # after the first save: the second needs what the first took
+        train(cfg, on_checkpoint=lambda path, step: little_free(monkeypatch, 1000))
     assert_named(caught.value, cfg.run_dir, checkpoint_bytes(cfg.run_dir, EVERY), free=1000)
     assert not (checkpoint_dir(cfg.run_dir) / f"{FULL_AT}.partial").exists()  # nothing of it was written
     monkeypatch.undo()  # room again
@@ -162,6 +162,33 @@ def small_tmpfs(path: Path, size: str) -> None:
     if mounted.returncode != 0:
         pytest.skip(f"a real full filesystem needs a tmpfs mount, refused here: {mounted.stderr.strip()} "
                     f"(the simulated tests above cover the same paths)")
+
+
+def test_the_first_save_of_a_run_is_refused_where_the_state_it_writes_cannot_fit(tiny_config, tmp_path, straight):
+    from dtr_scale.train.components import build_model
+
+    cfg = crash_config(tiny_config, tmp_path / "disk" / "run", steps=STEPS)
+    # At least what it writes: each model parameter 4 times (weights, EMA, AdamW's two moments), each of
+    # ANT-UW's 4 log-variances 3 times, all fp32; on disk the buffers (routing masks, positional embedding)
+    # and DCP's framing come on top.
+    needed = 4 * 4 * sum(p.numel() for p in build_model(cfg).parameters()) + 3 * 4 * 4
+    on_disk = checkpoint_bytes(straight.run_dir, EVERY)
+    assert 0.85 * on_disk < needed < on_disk
+    disk = tmp_path / "disk"
+    small_tmpfs(disk, str(needed * 3 // 4))  # room for the run's other files, not for its first checkpoint
+    try:
+        with pytest.raises(DiskFullError) as caught:
+            train(cfg)
+        message = str(caught.value)
+        partial = checkpoint_dir(cfg.run_dir) / f"{checkpoint_name(EVERY)}.partial"
+        assert message.startswith(f"no space left on the filesystem mounted at {disk}: writing checkpoint step "
+                                  f"{EVERY} ({partial}) takes {format_bytes(needed)}, and {disk} has "), message
+        free = int(re.search(r" has .*\(([\d,]+) bytes\) free. Free space there", message)[1].replace(",", ""))
+        assert free < needed, message
+        assert "no checkpoint of this run is complete yet" in message, message
+        assert list(checkpoint_dir(cfg.run_dir).iterdir()) == []  # nothing of it was written
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
 
 
 def test_a_real_full_filesystem_mid_save(tiny_config, tmp_path, monkeypatch, straight):
