@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -41,10 +42,20 @@ def file_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+def quiet_store_clients() -> None:
+    """botocore logs at INFO what a run's console need not show (`Found credentials in environment
+    variables.`, once per process that fetches); its warnings and errors still come through. A level
+    the user gave botocore's logger is kept."""
+    botocore = logging.getLogger("botocore")
+    if botocore.level == logging.NOTSET:
+        botocore.setLevel(logging.WARNING)
+
+
 @functools.cache
 def downloader(scheme: str, endpoint: str | None, pid: int) -> Callable[[str, str, float], None]:
     """streaming's download of one object for one store, its client made once per process and endpoint (a
     client costs ~0.1 s to build) and never shared with a forked loader worker, which gets its own (`pid`)."""
+    quiet_store_clients()
     try:
         from streaming.base.storage.download import CloudDownloader  # heavy import, only for remote datasets
     except ImportError:  # older mosaicml-streaming: one function that builds a client per call

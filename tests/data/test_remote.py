@@ -5,7 +5,10 @@ The store and its client are the `s3_endpoint` and `s3` fixtures of tests/confte
 
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +113,33 @@ def test_a_cache_holding_another_version_of_the_dataset_is_refused(identity_data
     loader(cache, "mds", upload(s3, identity_datasets["mds"], "version-1", "ds"))
     with pytest.raises(ShardDataError, match=rf"the cache {cache} holds another version of the dataset"):
         loader(cache, "mds", upload(s3, noisy_datasets["mds"], "version-2", "ds"))
+
+
+def test_a_training_run_on_a_remote_dataset_prints_no_botocore_chatter(identity_datasets, s3, tmp_path):
+    # botocore logs "Found credentials in environment variables." at INFO, which a run's console (Hydra's
+    # job logging: INFO on stdout) printed once per process that fetched
+    remote = upload(s3, identity_datasets["mds"], "quiet", "ds")
+    command = [str(Path(sys.executable).parent / "dtr-scale"), "train", f"run_dir={tmp_path / 'run'}", "cluster=none",
+               "world_size=1", f"data.path={tmp_path / 'cache'}", f"data.remote={remote}", "data.embedded=false",
+               "data.num_workers=1", "model.input_size=4", "steps=2", "global_batch_size=8", "checkpoint.every=2",
+               "eval.inline=false", "logging.wandb=disabled", "sample_at_end=0", "phema_stds=[]"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint" in done.stdout and "step_00000002 complete" in done.stdout  # the console has INFO lines
+    assert "credentials" not in done.stdout + done.stderr
+
+
+def test_a_level_the_user_gave_botocores_logger_is_kept():
+    import logging
+
+    from dtr_scale.data.remote import quiet_store_clients
+
+    botocore = logging.getLogger("botocore")
+    before = botocore.level
+    try:
+        for given, kept in ((logging.NOTSET, logging.WARNING), (logging.DEBUG, logging.DEBUG)):
+            botocore.setLevel(given)
+            quiet_store_clients()
+            assert botocore.level == kept
+    finally:
+        botocore.setLevel(before)
