@@ -130,6 +130,9 @@ finally:
     (["plan", "global_batch_size=257"], 2, "global_batch_size: 257 is not divisible by world_size=2"),
     (["plan", "model.bogus=1"], 2, "Could not override 'model.bogus'"),
     (["plan", "model=dit_xxl"], 2, "In 'train': Could not find 'model/dit_xxl'"),  # plan.yaml extends train.yaml
+    (["eval", "--help"], 0, None),
+    (["eval", "--cfg", "job"], 0, None),
+    (["eval", "model.bogus=1"], 2, "Could not override 'model.bogus'"),
 ])
 def test_help_the_config_and_config_errors_answer_without_importing_torch(args, code, error, tmp_path):
     """Login nodes: these answer in a fraction of the 3 s that importing torch and DCP takes, with
@@ -145,6 +148,13 @@ def test_help_the_config_and_config_errors_answer_without_importing_torch(args, 
         [line] = lines
         assert line.startswith(f"dtr-scale {args[0]}: config error: {error.format(tmp_path=tmp_path)}"), line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_without_a_run_says_so_without_importing_torch(tmp_path):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "eval"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.splitlines() == [  # sys.exit's message comes after the finally
+        "imported:", "dtr-scale eval: run_dir: name the run to evaluate, e.g. `dtr-scale eval run_dir=runs/my_run`"]
 
 
 HYDRA_MAIN_OR_RUN_HYDRA = """

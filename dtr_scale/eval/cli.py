@@ -26,10 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtr_scale.command_line import exit_config_error, flag_parser, run_hydra, split_flags
 from dtr_scale.config import ConfigError, TrainConfig, to_train_config
-from dtr_scale.eval.evaluate import preflight
-from dtr_scale.eval.saved_config import saved_run_config
-from dtr_scale.eval.settings import EvaluationError
-from dtr_scale.eval.watcher import failures, failures_message, resolve_checkpoint, run_eval
+
+# The evaluator, the run's checkpoints and torch are imported once a run is evaluated: --help,
+# --cfg job and a config error answer without them.
 
 
 def named_values(composed: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -57,6 +56,8 @@ def eval_config(composed: DictConfig, overrides: list[str]) -> TrainConfig:
     named = named_values(composed, overrides)
     if not named.get("run_dir"):
         raise ConfigError("run_dir: name the run to evaluate, e.g. `dtr-scale eval run_dir=runs/my_run`")
+    from dtr_scale.eval.saved_config import saved_run_config  # reads checkpoints with torch
+
     merged = OmegaConf.merge(saved_run_config(Path(named["run_dir"])), named)
     return to_train_config(OmegaConf.to_container(merged, resolve=True))
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_command(raw: DictConfig, args: argparse.Namespace) -> None:
     if args.weights:  # a weights file is scored as the config names it, not with a run's saved config
         from dtr_scale.eval.released import evaluate_weights_command
+        from dtr_scale.eval.settings import EvaluationError
         from dtr_scale.models.weights import WeightsFileError
 
         try:
@@ -91,9 +93,17 @@ def evaluate_command(raw: DictConfig, args: argparse.Namespace) -> None:
         return
     try:
         cfg = eval_config(raw, list(HydraConfig.get().overrides.task))
-        preflight(cfg)
-    except (ConfigError, EvaluationError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError) as err:
         sys.exit(f"dtr-scale eval: {err}")
+    from dtr_scale.eval.evaluate import preflight
+    from dtr_scale.eval.settings import EvaluationError
+
+    try:
+        preflight(cfg)
+    except (EvaluationError, FileNotFoundError) as err:
+        sys.exit(f"dtr-scale eval: {err}")
+    from dtr_scale.eval.watcher import failures, failures_message, resolve_checkpoint, run_eval
+
     run_eval(cfg, checkpoint=args.checkpoint, watch_run=args.watch, mode="submit" if args.submit else "inline",
              poll_s=args.poll_s, retry_failed=args.retry_failed)
     checkpoint = resolve_checkpoint(cfg.run_dir, args.checkpoint) if args.checkpoint else None
