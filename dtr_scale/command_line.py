@@ -41,9 +41,10 @@ def hydra_overrides(command: str, args: list[str]) -> list[str]:
     out = ["cluster=none" if arg in NULL_CLUSTER else arg for arg in args]
     sweeping = "-m" in out or "--multirun" in out
     if command == "train" and not sweeping and not any(arg.startswith("hydra.run.dir=") for arg in out):
-        run_dir = next((arg.split("=", 1)[1] for arg in out if arg.lstrip("+").startswith("run_dir=")), None)
-        if run_dir:  # first: after a flag such as `--cfg job`, argparse would not take it as an override
-            out.insert(0, f"hydra.run.dir={run_dir}")
+        at = next((i for i, arg in enumerate(out) if arg.lstrip("+").startswith("run_dir=")), None)
+        if at is not None and (run_dir := out[at].split("=", 1)[1]):
+            # beside it: Hydra's argparse takes the overrides as one run of words, which a flag such as --cfg ends
+            out.insert(at, f"hydra.run.dir={run_dir}")
     return out
 
 

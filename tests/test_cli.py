@@ -95,6 +95,15 @@ def test_cluster_null_and_none_both_train_in_this_process(tmp_path):
         assert "\ncluster: null\n" in done.stdout
 
 
+def test_run_dir_after_a_flag_is_an_override_too(tmp_path):
+    """run_dir=RUN brings hydra.run.dir=RUN along, beside it: Hydra's parser takes the overrides
+    as one run of words, so `--cfg job run_dir=RUN` must not split them."""
+    done = run("train", "--cfg", "job", f"run_dir={tmp_path}/run", "steps=7", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"\nrun_dir: {tmp_path}/run\n" in done.stdout and "\nsteps: 7\n" in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_users_config_dir_layers_on_the_packaged_configs(tmp_path):
     (tmp_path / "mine" / "cluster").mkdir(parents=True)
     (tmp_path / "mine" / "cluster" / "my_slurm.yaml").write_text("kind: slurm\npartition: gpu_long\n"
