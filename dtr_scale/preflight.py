@@ -1,8 +1,8 @@
 """Launch checks: what would make a run fail after its job was submitted or its run directory
 written, checked before either happens. Each problem is one line naming the key or file and
 the fix. They read files, permissions and installed packages, never import torch for a job
-that runs elsewhere: `dtr-scale train` runs them in a Hydra callback (run.LaunchCheck) before
-Hydra creates the run directory, so a refused launch leaves nothing behind.
+that runs elsewhere: `dtr-scale train` runs them once per launch, in a Hydra callback
+(run.LaunchCheck) before Hydra creates the run directory, so a refused launch leaves nothing behind.
 """
 
 from __future__ import annotations
