@@ -222,7 +222,7 @@ class BackendConfig:
     compile: bool = False  # torch.compile each DiT block
     activation_checkpointing: bool = False  # recompute each block in backward
     tf32: bool = False
-    fused_adamw: bool = False
+    fused_adamw: bool = True  # torch fused AdamW (CPU and CUDA): masks a non-finite step on the device
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the generated JSON
 
     def __post_init__(self) -> None:

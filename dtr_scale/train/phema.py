@@ -147,26 +147,26 @@ class PowerFunctionEMA:
         self.emas: list[StateDict] = [
             {k: v.detach().clone() for k, v in model.state_dict().items()} for _ in self.stds
         ]
+        # Only the parameters move: buffers are fixed tables (the positional embedding, the routing
+        # masks), kept as cloned. The lists are taken once (a state_dict() per step costs a small
+        # model as much as the lerps) and grouped by tensor type: under FSDP2 the parameters are
+        # DTensor shards, which foreach ops do not mix with plain tensors.
+        groups: dict[type, list[str]] = {}
+        for name, param in model.named_parameters():
+            if param.is_floating_point():
+                groups.setdefault(type(param.data), []).append(name)
+        params = dict(model.named_parameters())
+        self._sources = [[params[name] for name in names] for names in groups.values()]
+        self._targets = [[[ema[name] for name in names] for names in groups.values()] for ema in self.emas]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         if step < 1:
             raise ValueError(f"PowerFunctionEMA.update takes the number of optimizer steps done (>= 1), got {step}")
-        current = self.model.state_dict()
-        # one foreach lerp per EMA and kind of tensor, not one per tensor (a step's cost): under
-        # FSDP2 the parameters are DTensor shards and the buffers plain tensors, which foreach
-        # ops do not mix
-        kinds: dict[type, list[str]] = {}
-        for key, value in current.items():
-            if value.is_floating_point():
-                kinds.setdefault(type(value), []).append(key)
-        for gamma, ema in zip(self.gammas, self.emas):
+        for gamma, targets in zip(self.gammas, self._targets):
             weight = 1.0 - power_function_beta(step, gamma)
-            for keys in kinds.values():
-                torch._foreach_lerp_([ema[k] for k in keys], [current[k].to(ema[k].dtype) for k in keys], weight)
-            for key, value in current.items():
-                if not value.is_floating_point():
-                    ema[key].copy_(value)
+            for target, source in zip(targets, self._sources):
+                torch._foreach_lerp_(target, source, weight)
 
     def snapshot(self) -> dict[float, StateDict]:
         """{sigma_rel: CPU copy of that EMA's state dict}, to save with the step number."""

@@ -36,7 +36,7 @@ from dtr_scale.train.components import (
     config_from_dict,
     config_to_dict,
 )
-from dtr_scale.train.ema import make_ema, update_ema
+from dtr_scale.train.ema import ema_pairs, make_ema, update_ema
 from dtr_scale.train.loop import draw_step
 from dtr_scale.world import World
 
@@ -157,7 +157,7 @@ class PlainBackend:
         self.optimizer.zero_grad(set_to_none=True)
 
     def update_ema(self, decay):
-        update_ema(self.ema, self.module.model, decay)
+        update_ema(ema_pairs(self.ema, self.module.model), decay)
 
 
 def build(cfg, backend):

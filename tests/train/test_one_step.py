@@ -136,7 +136,7 @@ def host_reads(monkeypatch):
 
 
 def test_the_loop_reads_nothing_from_the_device_between_log_steps(tiny_config, host_reads):
-    # fused AdamW masks a non-finite step on the device (found_inf): the sync-free configuration
+    # fused AdamW (the default) masks a non-finite step on the device (found_inf): no host sync at all
     cfg = tiny_config(steps=12, phema_stds=[0.05, 0.1], **{"logging.every": 6, "checkpoint.every": 1000,
                                                            "backend.fused_adamw": True})
     loop.train(cfg)

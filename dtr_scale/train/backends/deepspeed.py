@@ -69,7 +69,7 @@ from dtr_scale.config import ConfigError, TrainConfig
 from dtr_scale.extras import import_extra
 from dtr_scale.train.components import build_optimizer
 from dtr_scale.train.manifest import CheckpointError
-from dtr_scale.train.ema import update_ema
+from dtr_scale.train.ema import ema_pairs, update_ema
 from dtr_scale.train.speed import apply_speed_switches
 from dtr_scale.world import World, join_process_group
 
@@ -151,6 +151,7 @@ class DeepSpeedBackend:
         optimizer = build_optimizer(module.model, module.objective, self.cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
         self.module, self.ema = module, ema.to(self.engine.device)
+        self._ema_pairs = ema_pairs(self.ema, module.model)
         if self.world.rank == 0:
             run_dir = Path(self.cfg.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,7 @@ class DeepSpeedBackend:
 
     def update_ema(self, decay: float) -> None:
         with self._gathered(self.module.model):
-            update_ema(self.ema, self.module.model, decay)
+            update_ema(self._ema_pairs, decay)
 
     # state -------------------------------------------------------------------
 

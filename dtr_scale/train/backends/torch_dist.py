@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch.distributed.tensor import DTensor
 from dtr_scale.config import TrainConfig
 from dtr_scale.train.components import build_optimizer
 from dtr_scale.train.safe_dcp import dcp_load, read_dcp_tensors
-from dtr_scale.train.ema import update_ema
+from dtr_scale.train.ema import ema_pairs, update_ema
 from dtr_scale.train.speed import apply_speed_switches, autocast
 from dtr_scale.world import World, full_tensor
 
@@ -70,6 +71,7 @@ class TorchBackend:
         else:
             self.wrapped = module
         self.module, self.ema = module, ema
+        self._ema_pairs = ema_pairs(ema, module.model)  # after wrapping: FSDP2 replaces the parameters
         self.optimizer = build_optimizer(module.model, module.objective, self.cfg)
         if dist.is_initialized() and self.cfg.checkpoint.async_save:
             # background saves run their collectives on a group of their own, never
@@ -135,7 +137,7 @@ class TorchBackend:
         return (p for p in self.module.parameters() if p.requires_grad)
 
     def update_ema(self, decay: float) -> None:
-        update_ema(self.ema, self.module.model, decay)
+        update_ema(self._ema_pairs, decay)
 
     # state -------------------------------------------------------------------
 
@@ -148,10 +150,12 @@ class TorchBackend:
     def save(self, path: Path, *, extra: Mapping[str, Stateful] = {}, asynchronous: bool = False) -> Future | None:
         """Write the state under directory `path` (collective). With `asynchronous`
         the tensors are staged to CPU memory and written in the background."""
-        if asynchronous:
-            result = dcp.async_save(self._state(extra), checkpoint_id=str(path), process_group=self.async_group)
-            return getattr(result, "upload_completion", result)  # newer torch returns a response pair
-        dcp.save(self._state(extra), checkpoint_id=str(path))
+        with warnings.catch_warnings():  # DCP's note that it saves without a process group: intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if asynchronous:
+                result = dcp.async_save(self._state(extra), checkpoint_id=str(path), process_group=self.async_group)
+                return getattr(result, "upload_completion", result)  # newer torch returns a response pair
+            dcp.save(self._state(extra), checkpoint_id=str(path))
         return None
 
     def load(self, path: Path, *, extra: Mapping[str, Stateful] = {}) -> None:
