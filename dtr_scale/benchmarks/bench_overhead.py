@@ -1,6 +1,6 @@
 """The framework's own cost per training step, on the CPU: the training loop against a bare loop.
 
-    dtr-bench overhead [--rounds 5] [--steps 20] [--warmup 3] [--depth 4] [--hidden-size 384] [--out FILE]
+    dtr-bench overhead [--rounds 5] [--steps 40] [--warmup 3] [--depth 4] [--hidden-size 128] [--out FILE]
     python -m dtr_scale.benchmarks.bench_overhead [same options]
 
 The loop is `train.loop.train` as a user runs it: `train_step` (draws, forward/backward,
@@ -8,9 +8,10 @@ clipping, the masked AdamW step, EMA, post-hoc EMA) inside everything around it 
 prefetcher, the stop agreement, checkpoint and snapshot checks, the host check and metrics
 line at log steps, the progress bar). The bare loop is forward, backward and AdamW on the
 same model, objective, optimizer and batch size, nothing else. Overhead = loop step time -
-bare step time. The default model is `dtr-bench train`'s (DiT-S/2 at depth 4, latents
-4x16x16, batch 16); with a much smaller one (--depth 2 --hidden-size 64 --heads 4 --input-size 8) the
-step is so short that the per-tensor launches of clipping and the three EMAs weigh more.
+bare step time. The default model is the embedded default's (`model=tiny`: DiT-S/2's code at
+depth 4, width 128, 4 heads, latents 4x8x8, batch 64), the smallest anyone trains, where the
+fixed per-step work weighs most; `--hidden-size 384 --heads 6 --input-size 16 --batch 16` is
+`dtr-bench train`'s DiT-S/2 at depth 4.
 
 Both run in this process, interleaved step by step: train() polls its stop request before
 every step, and each poll runs one bare step, so the two share the machine's noise. A loop
@@ -138,13 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dtr-bench overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--input-size", type=int, default=16)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--input-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
