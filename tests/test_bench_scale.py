@@ -72,6 +72,8 @@ def test_scale_benchmark_refuses_a_directory_it_did_not_write(tmp_path):
 def test_scale_benchmark_usage_errors_exit_2_naming_the_option(tmp_path):
     for args, error in ((["--fraction", "2"], "--fraction must be in (0, 1], got 2.0"),
                         (["--read-threads", "-1"], "--read-threads must be >= 0, got -1"),
+                        (["--world-sizes", "1,x"], "argument --world-sizes: expected positive integers separated by "
+                                                   "commas (1,2,8), got '1,x'"),
                         (["--bogus"], "unrecognized arguments: --bogus")):
         done = subprocess.run([dtr_bench(), "scale", "--out", str(tmp_path / "out"), *args], capture_output=True,
                               text=True, timeout=120)

@@ -301,6 +301,17 @@ def summary(report: dict) -> list[str]:
     return lines
 
 
+def world_sizes(text: str) -> list[int]:
+    """--world-sizes: positive integers, comma-separated (a bad one is a usage error, exit 2)."""
+    try:
+        worlds = [int(w) for w in text.split(",")]
+    except ValueError:
+        worlds = []
+    if not worlds or min(worlds) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (1,2,8), got {text!r}")
+    return worlds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dtr-bench scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--read-threads", type=int, default=READ_THREADS,
                         help=f"samples each worker reads at once, as data.read_threads (default {READ_THREADS}; "
                              "0 or 1: one by one)")
-    parser.add_argument("--world-sizes", default="1,2,8", help="loader processes on this machine, comma-separated")
+    parser.add_argument("--world-sizes", type=world_sizes, default="1,2,8",
+                        help="loader processes on this machine, comma-separated")
     parser.add_argument("--batch", type=int, default=256, help="global batch (the paper's)")
     parser.add_argument("--steps", type=int, default=40, help="timed loader steps per world size")
     parser.add_argument("--model", default="DiT-L/2", help="the requeue rehearsal's model; 'none' skips it")
@@ -324,10 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     prepare_out_dir(args.out)
     data = os.path.join(args.out, "data")
     num_images = max(1, round(IMAGENET_TRAIN_IMAGES * args.fraction))
-    worlds = [int(w) for w in args.world_sizes.split(",")]
     report = {"fraction": args.fraction, "cpu_count": os.cpu_count(), "targets": TARGETS,
               "prep": bench_prep(data, num_images, args.shard_size)}
-    report["loader"] = bench_loader(data, worlds, args.workers, args.read_threads, args.batch, args.steps)
+    report["loader"] = bench_loader(data, args.world_sizes, args.workers, args.read_threads, args.batch, args.steps)
     report["startup"] = bench_startup(data, args.workers, args.read_threads)
     if args.model != "none":
         report["requeue"] = bench_requeue(args.model, os.path.join(args.out, "checkpoint"))
