@@ -193,6 +193,8 @@ def runs_once(args: argparse.Namespace) -> bool:
     others = {key for key, value in vars(args).items() if value and key not in RUN_ONCE_FLAGS}
     if args.help:  # hydra.main answers --help before looking at the other flags
         return not others & {"config_name", "config_path"}
+    if any(override.startswith("hydra.mode=") for override in args.overrides):
+        return False  # hydra.mode=MULTIRUN is -m spelled as an override
     # --run with --cfg, or --resolve without --cfg: hydra.main reports them
     return not others and not (args.run and args.cfg) and not (args.resolve and args.cfg is None)
 

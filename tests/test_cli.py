@@ -209,6 +209,17 @@ def test_a_run_composed_once_gets_what_hydra_main_gives_it(tmp_path):
     assert shown[1].stdout == shown[0].stdout
 
 
+def test_what_composing_once_does_not_answer_goes_to_hydra_main():
+    from dtr_scale.command_line import hydra_args, runs_once
+
+    for args in (["steps=5"], ["--cfg", "job", "steps=5"], ["steps=5", "--cfg", "all", "--resolve", "-p", "model"],
+                 ["-m", "--help"], ["--config-dir", "mine", "cluster=my_slurm"]):
+        assert runs_once(hydra_args(args)), args
+    for args in (["-m", "seed=1,2"], ["hydra.mode=MULTIRUN", "seed=1,2"], ["--info", "searchpath"], ["--hydra-help"],
+                 ["-cn", "eval"], ["--resolve"], ["--run", "--cfg", "job"], ["--shell-completion"]):
+        assert not runs_once(hydra_args(args)), args
+
+
 COUNTED_LAUNCH_CHECKS = """
 import logging, sys
 import dtr_scale.preflight as preflight
