@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from dtr_scale.config import TrainConfig
 
-# The packaged configs; a user's --config-dir is searched first and layers on top.
+# The packaged configs. A user's --config-dir adds options beside them; on a name both have, the
+# package's wins (hydra.main's search path puts --config-dir after it).
 HYDRA_CONFIG_PATH = "pkg://dtr_scale.configs"
 NULL_CLUSTER = ("cluster=null", "cluster=None", "cluster=none")
 VERBOSE_FLAG = "--verbose"
