@@ -221,7 +221,7 @@ class LaunchCheck(Callback):
     Exceptions in callbacks only warn in Hydra, so it exits itself. A multirun calls no on_run_start:
     train_command checks each of its jobs, inside the directory their sweep made."""
 
-    passed = False  # in this process: train_command does not check the run again (a remote manifest, twice)
+    passed = False  # until train_command takes it: the run it starts is not checked again (a remote manifest, twice)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.job.name != "train":
@@ -237,8 +237,9 @@ class LaunchCheck(Callback):
 def train_command(raw: DictConfig) -> None:
     from dtr_scale.launch.follow import JobFailed
 
+    checked, LaunchCheck.passed = LaunchCheck.passed, False
     try:
-        cfg = absolute_paths(to_train_config(raw)) if LaunchCheck.passed else checked_config(raw)
+        cfg = absolute_paths(to_train_config(raw)) if checked else checked_config(raw)
         if launched_rank() == 0:  # once per run: torchrun's other ranks find it applied
             start_from(cfg)  # resume_from: the chosen checkpoint becomes the latest, the later ones moved aside
     except ConfigError as err:
