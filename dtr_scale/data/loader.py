@@ -78,14 +78,14 @@ class _RankBatches(IterableDataset):
     """This rank's batches from `start_step` on, split across DataLoader workers by step."""
 
     def __init__(self, root: str, manifest: dict, order: BatchOrder, start_step: int, hflip: bool,
-                 fetch: Fetcher | None, read_threads: int) -> None:
+                 fetch: Fetcher | None, read_threads: int, marked: dict[str, dict] | None) -> None:
         self.root, self.manifest, self.order, self.start_step = root, manifest, order, start_step
-        self.hflip, self.fetch, self.read_threads = hflip, fetch, read_threads
+        self.hflip, self.fetch, self.read_threads, self.marked = hflip, fetch, read_threads, marked
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        reader = open_reader(self.root, self.manifest, self.fetch)  # opened here: one per worker process
+        reader = open_reader(self.root, self.manifest, self.fetch, self.marked)  # here: one per worker process
         with read_pool(self.read_threads) as pool:  # made here too: threads do not survive a fork
             for step in itertools.count(self.start_step + worker_id, num_workers):
                 yield load_batch(reader, self.order.rank_positions(step), epoch=self.order.epoch(step),
@@ -96,9 +96,10 @@ class ShardLoader:
     """An endless iterator of this rank's batches; its position is the number of global steps consumed."""
 
     def __init__(self, root: str, manifest: dict, order: BatchOrder, num_workers: int = 0,
-                 hflip: bool = True, fetch: Fetcher | None = None, read_threads: int = READ_THREADS) -> None:
+                 hflip: bool = True, fetch: Fetcher | None = None, read_threads: int = READ_THREADS,
+                 marked: dict[str, dict] | None = None) -> None:
         self.root, self.manifest, self.order, self.num_workers = root, manifest, order, num_workers
-        self.hflip, self.fetch, self.read_threads = hflip, fetch, read_threads
+        self.hflip, self.fetch, self.read_threads, self.marked = hflip, fetch, read_threads, marked
         self.step = 0
         self._batches = None
 
@@ -116,7 +117,7 @@ class ShardLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
             stream = _RankBatches(self.root, self.manifest, self.order, self.step, self.hflip, self.fetch,
-                                  self.read_threads)
+                                  self.read_threads, self.marked)
             # Workers prefetch ahead; `step` counts only the batches handed out, so the state stays exact.
             self._batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
         batch = next(self._batches)
@@ -147,14 +148,18 @@ def checked_manifest(path: str, *, format: str, remote: str | None = None) -> di
     have passed: it exists, it is in `format`, and every shard present was hashed once for this dataset
     version (the ranks of a node take turns, the first does the work). A launch check calls this before
     anything is written; ShardDataError says what is wrong."""
+    return checked_dataset(path, format=format, remote=remote)[0]
+
+
+def checked_dataset(path: str, *, format: str, remote: str | None = None) -> tuple[dict, dict[str, dict]]:
+    """checked_manifest's manifest, and the verified mark that its check left (integrity.verify_dataset)."""
     if format not in FORMATS:
         raise ShardDataError(f"data.format={format!r} is not one of {', '.join(FORMATS)}")
     manifest = fetch_dataset_files(remote, path) if remote else read_manifest(path)
     if manifest["format"] != format:
         raise ShardDataError(f"data.format={format} but the shards at {remote or path} are {manifest['format']}; "
                              f"set data.format={manifest['format']}")
-    verify_dataset(path, manifest, present_only=bool(remote))
-    return manifest
+    return manifest, verify_dataset(path, manifest, present_only=bool(remote))
 
 
 def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: int, world_size: int,
@@ -165,11 +170,11 @@ def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: 
     and epoch (DiT's augmentation); read_threads: samples each worker reads at once (0 or 1: one by one)."""
     if read_threads < 0:
         raise ValueError(f"read_threads must be >= 0 (0 or 1: read serially), got {read_threads}")
-    manifest = checked_manifest(path, format=format, remote=remote)
+    manifest, marked = checked_dataset(path, format=format, remote=remote)
     order = BatchOrder(manifest["num_samples"], global_batch_size, rank, world_size, seed)
     fetch = Fetcher(remote, path) if remote else None
-    open_reader(path, manifest, fetch)  # here: the format's library imported once, not once per worker
-    return ShardLoader(path, manifest, order, num_workers, hflip, fetch, read_threads)
+    open_reader(path, manifest, fetch, marked)  # here: the format's library imported once, not once per worker
+    return ShardLoader(path, manifest, order, num_workers, hflip, fetch, read_threads, marked)
 
 
 class DevicePrefetcher:

@@ -46,7 +46,8 @@ class MDSReader:
     from their fixed offsets, because streaming's generic decoder (every column, every sample, the column
     encodings re-parsed each time) costs more than the rest of the loader together."""
 
-    def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None) -> None:
+    def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None,
+                 marked: dict[str, dict] | None = None) -> None:
         from streaming import LocalDataset  # heavy import, only where MDS is read
 
         try:
@@ -61,7 +62,8 @@ class MDSReader:
                                  f"({', '.join(unknown[:3])}); the two belong to different datasets, rerun "
                                  f"`dtr-prep merge {root}`")
         in_index_order = {"shards": [entries[s.raw_data.basename] for s in self._dataset.shards]}
-        self._checks = ShardChecks(root, in_index_order, [s.raw_data.bytes for s in self._dataset.shards], fetch)
+        self._checks = ShardChecks(root, in_index_order, [s.raw_data.bytes for s in self._dataset.shards], fetch,
+                                   marked)
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
         self._count = int(np.prod(self._shape))
@@ -89,8 +91,10 @@ class MDSReader:
 
 
 class TarReader:
-    def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None) -> None:
-        self._checks = ShardChecks(root, manifest, [shard.get("bytes") for shard in manifest["shards"]], fetch)
+    def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None,
+                 marked: dict[str, dict] | None = None) -> None:
+        self._checks = ShardChecks(root, manifest, [shard.get("bytes") for shard in manifest["shards"]], fetch,
+                                   marked)
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -134,6 +138,8 @@ def _check_count(root: str, found: int, manifest: dict) -> None:
                              f"`dtr-prep merge {root}`")
 
 
-def open_reader(root: str, manifest: dict, fetch: Fetcher | None = None) -> MDSReader | TarReader:
-    """The reader of a prepared dataset; `fetch(relpath)` brings a remote dataset's file into `root` first."""
-    return (MDSReader if manifest["format"] == "mds" else TarReader)(root, manifest, fetch)
+def open_reader(root: str, manifest: dict, fetch: Fetcher | None = None,
+                marked: dict[str, dict] | None = None) -> MDSReader | TarReader:
+    """The reader of a prepared dataset; `fetch(relpath)` brings a remote dataset's file into `root` first;
+    `marked`: the verified mark, if the caller has it (integrity.ShardChecks)."""
+    return (MDSReader if manifest["format"] == "mds" else TarReader)(root, manifest, fetch, marked)

@@ -348,3 +348,20 @@ def test_a_hash_file_cut_short_after_its_header_was_read_is_named_at_the_read(tm
     truncate(path)
     with pytest.raises(ShardDataError, match=rf"{path} was cut short after it was verified: row 63 of 64 is missing"):
         integrity.read_row(rows, 63)
+
+
+def test_a_start_reads_the_verified_mark_once_not_once_per_worker(identity_datasets, tmp_path, monkeypatch):
+    # At 1,252 shards the mark is half a megabyte: 8 ranks x 8 workers each reading it cost a start 1 in 10
+    # of the bytes its batches hold at 8 ranks.
+    root = copy_of(identity_datasets, "mds", tmp_path)
+    reads = tmp_path / "mark_reads.txt"
+    real = integrity.read_mark
+
+    def logged(path):
+        with open(reads, "a") as f:  # a file: the forked workers' reads count too
+            f.write(path + "\n")
+        return real(path)
+
+    monkeypatch.setattr(integrity, "read_mark", logged)
+    read_an_epoch(root, "mds", workers=2)
+    assert reads.read_text().split() == [os.path.join(root, MARK_NAME)]

@@ -3,8 +3,9 @@ point), the checkpoint or snapshot being written, the bytes it needs and the byt
 what to do; the checkpoint before stays complete and a resume from it is bitwise the run that
 never stopped.
 
-Before a save whose size is known (a checkpoint holds the same tensors as the newest complete
-one) the free space is checked, so no save is started that cannot end; a save that runs out of
+Before a save the free space is checked against its size (a checkpoint holds the same tensors as
+the newest complete one; the first of a run, at least what the state it writes holds), so no
+save is started that cannot end; a save that runs out of
 space anyway (another writer took it) is named the same way, from DCP's CheckpointException
 or the post-hoc EMA snapshot's OSError. The full disk is simulated (shutil.disk_usage reporting
 little free, DCP's writer raising ENOSPC) and, where this process may mount one, real: a small
