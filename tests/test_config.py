@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from dtr_scale.command_line import hydra_overrides
-from dtr_scale.config import ConfigError, TrainConfig, resume_changes, to_train_config
+from dtr_scale.config import ConfigError, TrainConfig, appended_keys, resume_changes, to_train_config
 from dtr_scale.configs import CONFIG_DIR
 from dtr_scale.train.components import config_to_dict
 
@@ -57,6 +57,29 @@ def test_unknown_key_is_named():
         composed("routing.betta=0.5")
     with pytest.raises(ConfigError, match=r"Key 'betta' not in 'RoutingConfig' \(key: routing\.betta\)"):
         composed("+routing.betta=0.5")  # Hydra appends it; the schema check refuses it
+
+
+@pytest.mark.parametrize("overrides", [(), ("experiment=dtr_paper/dit_l2_dtr_antuw_2m", "cluster=example_cluster"),
+                                       ("backend=deepspeed", "++backend.deepspeed_overrides={steps_per_print: 7}")])
+def test_a_composed_config_builds_what_the_schema_merge_builds(overrides):
+    # to_train_config builds a config composed on the schema directly; the re-merge of its plain
+    # data into the schema (the path of dicts and of configs with appended keys) gives the same
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        raw = compose(config_name="train", overrides=["run_dir=/tmp/unused", *overrides])
+    assert appended_keys(raw) == []
+    assert to_train_config(raw) == to_train_config(OmegaConf.to_container(raw, resolve=True))
+
+
+def test_appended_keys_are_found_at_any_depth():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        raw = compose(config_name="train", overrides=["run_dir=/tmp/unused", "+seeed=1", "+eval.quick.sampels=5",
+                                                      "+backend.deepspeed_overrides.anything=1"])
+    # a dict-valued field takes any key: only the dataclasses' undeclared ones are appended
+    assert sorted(appended_keys(raw)) == ["eval.quick.sampels", "seeed"]
+    with pytest.raises(ConfigError, match=r"Key '(seeed|sampels)' not in '\w+'"):
+        to_train_config(raw)
 
 
 def test_wrong_type_is_named_by_hydra_while_composing():
