@@ -162,8 +162,9 @@ def test_help_the_config_and_config_errors_answer_without_importing_torch(args, 
 def test_eval_without_a_run_says_so_without_importing_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "eval"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
-    assert done.returncode == 1 and done.stderr.splitlines() == [  # sys.exit's message comes after the finally
-        "imported:", "dtr-scale eval: run_dir: name the run to evaluate, e.g. `dtr-scale eval run_dir=runs/my_run`"]
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "dtr-scale eval: config error: run_dir: name the run to evaluate, e.g. `dtr-scale eval run_dir=runs/my_run`",
+        "imported:"]
 
 
 HYDRA_MAIN_OR_RUN_HYDRA = """

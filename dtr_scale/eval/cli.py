@@ -91,17 +91,17 @@ def evaluate_command(raw: DictConfig, args: argparse.Namespace) -> None:
         except (EvaluationError, ValueError) as err:
             sys.exit(f"dtr-scale eval: {err}")
         return
-    try:
+    try:  # what is refused before anything is sampled or written: a config error (exit 2)
         cfg = eval_config(raw, list(HydraConfig.get().overrides.task))
     except (ConfigError, FileNotFoundError) as err:
-        sys.exit(f"dtr-scale eval: {err}")
+        exit_config_error("eval", err)
     from dtr_scale.eval.evaluate import preflight
     from dtr_scale.eval.settings import EvaluationError
 
     try:
         preflight(cfg)
     except (EvaluationError, FileNotFoundError) as err:
-        sys.exit(f"dtr-scale eval: {err}")
+        exit_config_error("eval", err)
     from dtr_scale.eval.watcher import failures, failures_message, resolve_checkpoint, run_eval
 
     run_eval(cfg, checkpoint=args.checkpoint, watch_run=args.watch, mode="submit" if args.submit else "inline",

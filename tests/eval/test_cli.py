@@ -33,11 +33,15 @@ def test_the_command_line_scores_with_the_runs_own_config_and_its_overrides(run_
     assert records[0]["cfg_scale"] == 1.5 and records[0]["reference"] == "digits"  # the run's own settings
 
 
-def test_the_command_line_needs_the_run(tmp_path):
-    with pytest.raises(SystemExit, match="run_dir: name the run"):
-        main(["eval.num_samples=20"])
-    with pytest.raises(SystemExit, match="no complete checkpoint"):
-        main([f"run_dir={tmp_path}"])
+def test_the_command_line_needs_the_run(tmp_path, capsys):
+    # refused before anything is sampled or written: a config error, exit 2, one line naming the fix
+    for args, words in ((["eval.num_samples=20"], "run_dir: name the run"),
+                        ([f"run_dir={tmp_path}"], "no complete checkpoint")):
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dtr-scale eval: config error: ") and words in err and err.count("\n") == 1
 
 
 def test_the_quick_protocol_between_the_milestones_is_scored_and_shown_apart(run_copy):

@@ -50,22 +50,25 @@ def loads(monkeypatch):
     return seen
 
 
-def test_a_missing_reference_batch_is_found_before_any_sampling(run_copy, tmp_path, loads):
+def test_a_missing_reference_batch_is_found_before_any_sampling(run_copy, tmp_path, loads, capsys):
     missing = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
     with pytest.raises(SystemExit) as exit_:
         main([f"run_dir={run_copy}", *SMALL, f"eval.reference={missing}"])
-    assert f"eval.reference={missing}: no such file" in exit_.value.code
-    assert "github.com/openai/guided-diffusion" in exit_.value.code
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("dtr-scale eval: config error: ")  # found before any work
+    assert f"eval.reference={missing}: no such file" in err
+    assert "github.com/openai/guided-diffusion" in err
     assert loads == [] and not (run_copy / "eval" / "samples").exists()
 
 
-def test_missing_inception_weights_are_found_before_any_sampling(run_copy, tmp_path, loads):
+def test_missing_inception_weights_are_found_before_any_sampling(run_copy, tmp_path, loads, capsys):
     reference = tmp_path / "reference.npz"
     np.savez(reference, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     missing = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     with pytest.raises(SystemExit) as exit_:
         main([f"run_dir={run_copy}", *SMALL, f"eval.reference={reference}", f"eval.inception={missing}"])
-    assert f"FID Inception weights not found at {missing}" in exit_.value.code and INCEPTION_URL in exit_.value.code
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"FID Inception weights not found at {missing}" in err and INCEPTION_URL in err
     assert loads == [] and not (run_copy / "eval" / "samples").exists()
 
 
