@@ -114,6 +114,18 @@ def test_a_users_config_dir_layers_on_the_packaged_configs(tmp_path):
     assert "DiT-L/2 on 8 x a100_80gb" in done.stdout and "gpu_long" in done.stdout
 
 
+def test_a_config_dir_adds_options_and_the_packaged_file_wins_a_shared_name(tmp_path):
+    # what README and --help say: give your files new names (Hydra searches --config-dir second)
+    (tmp_path / "mine" / "model").mkdir(parents=True)
+    for name in ("tiny", "my_tiny"):
+        (tmp_path / "mine" / "model" / f"{name}.yaml").write_text("defaults:\n  - tiny\n  - _self_\ndepth: 3\n"
+                                                                  if name == "my_tiny" else "depth: 3\n")
+    for option, depth in (("tiny", 4), ("my_tiny", 3)):
+        done = run("train", "--config-dir", str(tmp_path / "mine"), f"model={option}", "--cfg", "job", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert f"\n  depth: {depth}\n" in done.stdout
+
+
 WITHOUT_TORCH = """
 import sys
 sys.argv = ["dtr-scale", *sys.argv[1:]]

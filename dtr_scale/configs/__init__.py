@@ -1,6 +1,6 @@
 """The Hydra configs shipped with the package (train.yaml, eval.yaml, plan.yaml and the config
-groups), found by the commands as pkg://dtr_scale.configs; a user's --config-dir is searched
-first and layers on top.
+groups), found by the commands as pkg://dtr_scale.configs; a user's --config-dir adds options beside
+them (on a name both have, the packaged file wins: Hydra searches --config-dir after it).
 
 Importing this package stores TrainConfig in Hydra's ConfigStore as `train_schema`, the schema
 train.yaml extends: Hydra then knows every key and its type, shows each default in --help and
