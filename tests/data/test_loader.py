@@ -80,6 +80,22 @@ def test_read_threads_come_from_the_config_and_a_negative_count_is_refused(ident
         to_train_config({"data": {**data, "read_threads": -1}})
 
 
+def test_read_threads_per_dataset_preset_and_on_the_command_line():
+    from hydra import compose, initialize_config_dir
+
+    from dtr_scale.config import to_train_config
+    from dtr_scale.configs import CONFIG_DIR
+
+    def composed(*overrides):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return to_train_config(compose(config_name="train", overrides=["run_dir=/tmp/unused", *overrides]))
+
+    # ImageNet's shards exceed the page cache: 8 reads in flight per worker; the digits are always cached
+    assert composed("data=imagenet256").data.read_threads == 8
+    assert composed("data=digits").data.read_threads == 0
+    assert composed("data=imagenet256", "data.read_threads=2").data.read_threads == 2
+
+
 def test_latents_are_fresh_posterior_draws_of_image_or_flip(noisy_datasets):
     path = noisy_datasets["mds"]
     manifest = read_manifest(path)
