@@ -39,10 +39,15 @@ def flip_a_byte(path, at=None):
 
 
 def flip_keeping_mtime(path, at):
-    """Damage that no stat can see: a byte flipped in place, the file's size and mtime kept."""
+    """Damage that no stat can see: a byte flipped, the file's size and mtime kept. The damaged copy is
+    renamed over the file, so a loader worker reading meanwhile never sees the new bytes with a new mtime
+    (that shard would be hashed in full again, and named as failing its sha256 instead)."""
     stat = os.stat(path)
-    flip_a_byte(path, at)
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    damaged = f"{path}.damaged"
+    shutil.copyfile(path, damaged)
+    flip_a_byte(damaged, at)
+    os.utime(damaged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(damaged, path)
 
 
 def truncate(path):
