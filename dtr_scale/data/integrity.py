@@ -69,12 +69,6 @@ class NpyRows:
     count: int
 
 
-# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST construction is not safe in two
-# threads at once (python/cpython#106905: "SystemError: AST constructor recursion depth mismatch", seen
-# here when a worker's read threads opened a tar's index and a hash file together): one parse at a time.
-_HEADER_PARSE = threading.Lock()
-
-
 def npy_rows(path: str, dtype: np.dtype | type, shape: tuple[int, ...]) -> NpyRows:
     """The rows of the .npy file at `path`, after checking from its header (numpy.lib.format: magic, version,
     a literal dict, never code) that it holds `shape` of `dtype` in C order and that its size says so too;
@@ -87,8 +81,7 @@ def npy_rows(path: str, dtype: np.dtype | type, shape: tuple[int, ...]) -> NpyRo
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             if read_header is None:
                 raise ValueError(f".npy format version {version} (prep writes 1.0)")
-            with _HEADER_PARSE:
-                found, fortran_order, stored = read_header(f)
+            found, fortran_order, stored = read_header(f)
             offset, size = f.tell(), os.fstat(f.fileno()).st_size
     except (OSError, ValueError) as err:
         raise ShardDataError(f"{path} cannot be read as a .npy file ({err}); it was damaged after prep: run "

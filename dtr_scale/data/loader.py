@@ -58,6 +58,11 @@ def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest
     # Only the drawn view of each sample (image or flip) is copied out of the bytes read: half the copying.
     views = np.empty((len(positions), *manifest["stored_shape"][1:]), manifest["dtype"])
     labels = torch.empty(len(positions), dtype=torch.int64)
+    if pool is not None:
+        # A shard's first read (its checks, its .npy headers) is done here, before the threads read: numpy
+        # parses a header with ast.literal_eval, which CPython 3.11 cannot run beside other threads (a rare
+        # "SystemError: AST constructor recursion depth mismatch", python/cpython#106905).
+        reader.ready(positions.tolist())
     reads = (map if pool is None else pool.map)(reader.read, positions.tolist())  # Executor.map keeps the order
     for j, ((moments, label), flip) in enumerate(zip(reads, flips.tolist())):
         views[j], labels[j] = moments[int(flip)], label

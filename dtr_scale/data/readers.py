@@ -76,6 +76,11 @@ class MDSReader:
     def __len__(self) -> int:
         return len(self._dataset)
 
+    def ready(self, positions: list[int]) -> None:
+        """First reads of the shards these samples are in (see loader.load_batch), before reading them."""
+        for position in positions:
+            self._checks.ready(self._dataset.spanner[position][0], position)
+
     def read(self, position: int) -> tuple[np.ndarray, int]:
         """(moments [2, 2C, h, w], label) of the sample at this global position."""
         shard, index = self._dataset.spanner[position]
@@ -108,21 +113,32 @@ class TarReader:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _index_row(self, shard: int, index: int, position: int) -> np.ndarray:
-        """(offset, bytes, label) of sample `index` of the shard, after checking the shard (and its index file)
-        against the manifest on its first read."""
+    def _shard(self, position: int) -> int:
+        return int(np.searchsorted(self._starts, position, side="right")) - 1
+
+    def _ready(self, shard: int, position: int) -> None:
+        """Check the shard (and its index file) against the manifest and find its index, on its first read."""
         if shard not in self._indexes:
             self._checks.ready(shard, position)
             path = self._paths[shard]
             sidecar = tar_index_path(path)
             self._indexes[shard] = (npy_rows(sidecar, np.int64, (int(self._counts[shard]), 3))
                                     if os.path.exists(sidecar) else build_tar_index(path))
+
+    def ready(self, positions: list[int]) -> None:
+        """First reads of the shards these samples are in (see loader.load_batch), before reading them."""
+        for position in positions:
+            self._ready(self._shard(position), position)
+
+    def _index_row(self, shard: int, index: int, position: int) -> np.ndarray:
+        """(offset, bytes, label) of sample `index` of the shard."""
+        self._ready(shard, position)
         rows = self._indexes[shard]
         return read_row(rows, index) if isinstance(rows, NpyRows) else rows[index]
 
     def read(self, position: int) -> tuple[np.ndarray, int]:
         """(moments [2, 2C, h, w], label) of the sample at this global position."""
-        shard = int(np.searchsorted(self._starts, position, side="right")) - 1
+        shard = self._shard(position)
         offset, nbytes, label = self._index_row(shard, position - int(self._starts[shard]), position)
         with open(self._paths[shard], "rb", buffering=0) as f:
             f.seek(int(offset))
