@@ -18,6 +18,7 @@ at-save hook to the trainer (eval.at_save), so training itself knows nothing of 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import sys
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtr_scale.command_line import exit_config_error, run_hydra
 from dtr_scale.config import ConfigError, TrainConfig, resume_changes, to_train_config
@@ -209,7 +210,9 @@ def job_config(config: DictConfig) -> DictConfig:
     """The task's config as Hydra has it before the run directory exists: without the `hydra`
     node, and run_dir's default (${hydra:runtime.output_dir}, set only once the directory is
     made) read from hydra.run.dir, the directory Hydra is about to make."""
-    job = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    job = copy.deepcopy(config)  # still typed by the schema (a masked_copy is plain data: a slower check)
+    with open_dict(job):
+        del job["hydra"]
     if OmegaConf.to_container(config, resolve=False).get("run_dir") == "${hydra:runtime.output_dir}":
         job.run_dir = OmegaConf.select(config, "hydra.run.dir")
     return job

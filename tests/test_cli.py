@@ -171,6 +171,17 @@ def test_help_the_config_and_config_errors_answer_without_importing_torch(args, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_imagenet_presets_launch_checks_answer_without_torch_or_numpy(tmp_path):
+    # every problem on a line of its own: the data, and the evaluation it would run with no reference batch
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "train", "data=imagenet256", "data.path=nowhere"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    *lines, imported = done.stderr.splitlines()
+    assert done.returncode == 2 and imported == "imported:", done.stderr
+    assert [line.split(": ")[2] for line in lines] == ["data.path", "eval.reference is not set"]
+    assert all(line.startswith("dtr-scale train: config error: ") for line in lines)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eval_without_a_run_says_so_without_importing_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "eval"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
