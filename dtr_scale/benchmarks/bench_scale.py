@@ -109,6 +109,7 @@ def cpu_seconds(process) -> float:
 def loader_process(path: str, rank: int, world: int, workers: int, threads: int, batch: int, steps: int,
                    results) -> None:
     """One rank: build the loader, read `steps` batches after a warm-up, report rate and bytes read."""
+    import streaming  # noqa: F401  imported before the count starts: its modules' files are not the dataset's bytes
     import torch
 
     from dtr_scale.data.loader import build_shard_loader

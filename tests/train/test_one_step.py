@@ -137,8 +137,8 @@ def host_reads(monkeypatch):
 
 def test_the_loop_reads_nothing_from_the_device_between_log_steps(tiny_config, host_reads):
     # fused AdamW (the default) masks a non-finite step on the device (found_inf): no host sync at all
-    cfg = tiny_config(steps=12, phema_stds=[0.05, 0.1], **{"logging.every": 6, "checkpoint.every": 1000,
-                                                           "backend.fused_adamw": True})
+    cfg = tiny_config(steps=12, phema_stds=[0.05, 0.1], **{"logging.every": 6, "checkpoint.every": 1000})
+    assert cfg.backend.fused_adamw  # the default
     loop.train(cfg)
     after_steps = sorted({n for n, _ in host_reads})
     # reads happen before the first step (setup: routing.png) and once 6 or 12 steps are done: the
