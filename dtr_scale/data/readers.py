@@ -103,7 +103,6 @@ class TarReader:
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self._counts = counts
         # on first use: the sidecar's layout (its rows are read one at a time), or an index built from the tar
         self._indexes: dict[int, NpyRows | np.ndarray] = {}
         self._dtype = np.dtype(manifest["dtype"])
@@ -122,7 +121,8 @@ class TarReader:
             self._checks.ready(shard, position)
             path = self._paths[shard]
             sidecar = tar_index_path(path)
-            self._indexes[shard] = (npy_rows(sidecar, np.int64, (int(self._counts[shard]), 3))
+            samples = int(self._starts[shard + 1] - self._starts[shard])
+            self._indexes[shard] = (npy_rows(sidecar, np.int64, (samples, 3))
                                     if os.path.exists(sidecar) else build_tar_index(path))
 
     def ready(self, positions: list[int]) -> None:
