@@ -189,12 +189,6 @@ class DataConfig:
     remote: str | None = None
     format: str = "mds"  # mds | webdataset
     num_workers: int = 0
-    # Samples each loader worker (or the process, without workers) reads at once, in threads; 0 or 1 reads
-    # them one by one. 8: where the shards exceed the page cache each sample is a random disk read, and
-    # 8 x the workers keeps an SSD's queue busy (16 reads in flight on 2 workers, 64 on 8) where one read
-    # per worker leaves it idle; in the page cache they cost no CPU per sample that could be measured
-    # (dtr-bench scale --fraction 0.01: 140-165 CPU-us a sample with 1 thread or 8).
-    read_threads: int = 8
     embedded: bool = False  # the digits: prepared into `path` on first use (a few seconds)
     # Train on the image or its horizontal flip, drawn per (seed, epoch, sample): DiT's augmentation
     # for ImageNet. Off for data whose mirror image is something else (handwritten digits).
@@ -206,8 +200,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice(self.kind, "data.kind", ("synthetic", "shards"))
         _choice(self.format, "data.format", ("mds", "webdataset"))
-        _require(self.read_threads >= 0, "data.read_threads", f"got {self.read_threads}; must be >= 0 (0 or 1: read "
-                 "the samples one by one)")
         _require(self.kind != "shards" or bool(self.path), "data.path", "is required for data.kind=shards")
 
 

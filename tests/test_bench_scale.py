@@ -41,11 +41,12 @@ def test_scale_benchmark_reports_imagenet_shaped_data_and_consistent_figures(tmp
 
     loader = report["loader"]
     assert set(loader["by_world"]) == {"1", "2"}
-    for world, row in loader["by_world"].items():
+    for world, row in [*loader["by_world"].items(), ("1, evicted", loader["evicted_world_1"])]:
         assert row["samples_per_s_total"] > 0 and row["cpu_us_per_sample"] > 0
         assert math.isclose(row["samples_per_s_per_worker"] * 2, row["samples_per_s_per_process"])
         # A warm start reads its batches' bytes and little else: no shard is hashed again.
         assert 0.5 < row["bytes_read_over_bytes_used"] < 1.15, (world, row)
+    assert "loader    world 1, from disk (pages evicted): " in done.stdout
     startup = report["startup"]
     assert 0 < startup["requeue_s"] and 0 < startup["cold_s"]
 
@@ -71,7 +72,6 @@ def test_scale_benchmark_refuses_a_directory_it_did_not_write(tmp_path):
 
 def test_scale_benchmark_usage_errors_exit_2_naming_the_option(tmp_path):
     for args, error in ((["--fraction", "2"], "--fraction must be in (0, 1], got 2.0"),
-                        (["--read-threads", "-1"], "--read-threads must be >= 0, got -1"),
                         (["--world-sizes", "1,x"], "argument --world-sizes: expected positive integers separated by "
                                                    "commas (1,2,8), got '1,x'"),
                         (["--bogus"], "unrecognized arguments: --bogus")):

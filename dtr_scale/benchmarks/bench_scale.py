@@ -11,8 +11,8 @@ latent has the SD-VAE's 256 px shape. Measured:
 
     prep      chunks (shards) written per second; bytes on disk against the planner's estimate (plan/storage.py)
     loader    samples/s per process and per loader worker at each world size (processes on this machine,
-              integrity checks on, each worker reading `--read-threads` samples at once), and the bytes one
-              start reads against the bytes its batches hold
+              integrity checks on), and the bytes one start reads against the bytes its batches hold; then
+              world 1 again with the dataset's pages evicted from the page cache first (every read from disk)
     startup   seconds from `python` starting to the first batch: cold (no verified mark: the one full hash)
               and after a requeue (the mark kept)
     requeue   the real model (default DiT-L/2) with AdamW, fp32 on the CPU: a torch.distributed.checkpoint
@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 from dtr_scale.benchmarks.bench_data import NoisyPixelAutoencoder
-from dtr_scale.config import ConfigError, DataConfig
+from dtr_scale.config import ConfigError
 from dtr_scale.data.integrity import MARK_NAME
 from dtr_scale.data.shard_format import read_manifest
 from dtr_scale.data_prep.merge import merge
@@ -54,7 +54,6 @@ NUM_CLASSES = 1000
 RESOLUTION = 64  # the pixel autoencoder's 64 px latent is 4 x 32 x 32, the SD-VAE's at 256 px
 LATENT = (4, 32, 32)
 REPORT_NAME = "scale_report.json"
-READ_THREADS = DataConfig.read_threads
 TARGETS = {"bytes_read_per_start_ratio": 1.1, "startup_s": 30.0, "loader_samples_per_s_2_workers": 10_000,
            "load_over_read_ratio": 2.0}
 
@@ -106,8 +105,7 @@ def cpu_seconds(process) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
 
-def loader_process(path: str, rank: int, world: int, workers: int, threads: int, batch: int, steps: int,
-                   results) -> None:
+def loader_process(path: str, rank: int, world: int, workers: int, batch: int, steps: int, results) -> None:
     """One rank: build the loader, read `steps` batches after a warm-up, report rate and bytes read."""
     import streaming  # noqa: F401  imported before the count starts: its modules' files are not the dataset's bytes
     import torch
@@ -118,7 +116,7 @@ def loader_process(path: str, rank: int, world: int, workers: int, threads: int,
     me = import_extra("psutil").Process()
     before = read_chars(me)
     loader = build_shard_loader(path, format="mds", global_batch_size=batch, rank=rank, world_size=world, seed=0,
-                                num_workers=workers, read_threads=threads)
+                                num_workers=workers)
     warmup = 2 * max(workers, 1)  # start the workers, fill their prefetch queues
     for _ in range(warmup):
         next(loader)
@@ -133,32 +131,47 @@ def loader_process(path: str, rank: int, world: int, workers: int, threads: int,
                  "bytes_read": read, "steps_read": warmup + steps})
 
 
-def bench_loader(path: str, worlds: list[int], workers: int, threads: int, batch: int, steps: int) -> dict:
-    manifest = read_manifest(path)
-    record = sum(e["bytes"] for e in manifest["shards"]) / manifest["num_samples"]  # an MDS sample, with framing
+def evict(path: str) -> None:
+    """Drop the dataset's pages from the page cache (clean pages; no privileges needed), as on a node whose
+    memory holds less than the dataset."""
+    for directory, _, names in os.walk(path):
+        for name in names:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def loader_run(path: str, world: int, workers: int, batch: int, steps: int, record: float) -> dict:
+    """One start of `world` loader processes, measured."""
     context = multiprocessing.get_context("fork")
-    out = {"workers": workers, "read_threads": threads, "global_batch": batch, "steps": steps,
-           "sample_record_bytes": record, "by_world": {}}
-    for world in worlds:
-        results = context.Queue()
-        procs = [context.Process(target=loader_process,
-                                 args=(path, r, world, workers, threads, batch, steps, results))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        rows = sorted((results.get(timeout=1800) for _ in procs), key=lambda row: row["rank"])
-        for p in procs:
-            p.join()
-        per_process = [row["samples_per_s"] for row in rows]
-        # What the batches hold, with the read-ahead the workers may have done (2 batches each, torch's default).
-        held = [(row["steps_read"] + 2 * workers) * batch // world * record for row in rows]
-        out["by_world"][str(world)] = {
-            "samples_per_s_total": sum(per_process), "samples_per_s_per_process": float(np.mean(per_process)),
+    results = context.Queue()
+    procs = [context.Process(target=loader_process, args=(path, r, world, workers, batch, steps, results))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    rows = sorted((results.get(timeout=1800) for _ in procs), key=lambda row: row["rank"])
+    for p in procs:
+        p.join()
+    per_process = [row["samples_per_s"] for row in rows]
+    # What the batches hold, with the read-ahead the workers may have done (2 batches each, torch's default).
+    held = [(row["steps_read"] + 2 * workers) * batch // world * record for row in rows]
+    return {"samples_per_s_total": sum(per_process), "samples_per_s_per_process": float(np.mean(per_process)),
             "samples_per_s_per_worker": float(np.mean(per_process)) / max(workers, 1),
             # On a busy machine the wall clock understates the loader; its CPU time per sample does not.
             "cpu_us_per_sample": float(np.mean([row["cpu_us_per_sample"] for row in rows])),
             "bytes_read_per_start": float(np.mean([row["bytes_read"] for row in rows])),
             "bytes_read_over_bytes_used": float(np.mean([row["bytes_read"] / h for row, h in zip(rows, held)]))}
+
+
+def bench_loader(path: str, worlds: list[int], workers: int, batch: int, steps: int) -> dict:
+    manifest = read_manifest(path)
+    record = sum(e["bytes"] for e in manifest["shards"]) / manifest["num_samples"]  # an MDS sample, with framing
+    out = {"workers": workers, "global_batch": batch, "steps": steps, "sample_record_bytes": record,
+           "by_world": {str(world): loader_run(path, world, workers, batch, steps, record) for world in worlds}}
+    evict(path)
+    out["evicted_world_1"] = loader_run(path, 1, workers, batch, steps, record)
     return out
 
 
@@ -166,23 +179,23 @@ STARTUP = textwrap.dedent("""
     import sys, time
     from dtr_scale.data.loader import build_shard_loader
     loader = build_shard_loader(sys.argv[1], format="mds", global_batch_size=256, rank=0, world_size=1, seed=0,
-                                num_workers=int(sys.argv[2]), read_threads=int(sys.argv[3]))
+                                num_workers=int(sys.argv[2]))
     next(loader)
     print(time.time())
 """)
 
 
-def start_to_first_batch(path: str, workers: int, threads: int) -> float:
+def start_to_first_batch(path: str, workers: int) -> float:
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", STARTUP, path, str(workers), str(threads)], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", STARTUP, path, str(workers)], capture_output=True, text=True,
+                          check=True)
     return float(done.stdout.split()[-1]) - started
 
 
-def bench_startup(path: str, workers: int, threads: int) -> dict:
+def bench_startup(path: str, workers: int) -> dict:
     os.remove(os.path.join(path, MARK_NAME))  # as on a copy of the dataset, or a dataset version never read here
-    cold = start_to_first_batch(path, workers, threads)
-    return {"workers": workers, "cold_s": cold, "requeue_s": start_to_first_batch(path, workers, threads)}
+    cold = start_to_first_batch(path, workers)
+    return {"workers": workers, "cold_s": cold, "requeue_s": start_to_first_batch(path, workers)}
 
 
 REQUEUE = textwrap.dedent("""
@@ -282,10 +295,11 @@ def summary(report: dict) -> list[str]:
              f"({prep['shards_per_s']:.2f} shards/s, {prep['images_per_s']:,.0f} images/s); on disk "
              f"{prep['bytes_on_disk'] / 1e9:.2f} GB = {prep['on_disk_over_estimate']:.3f} x the planner's "
              f"{prep['planner_estimate_bytes'] / 1e9:.2f} GB"]
-    for world, row in loader["by_world"].items():
-        lines.append(f"loader    world {world}: {row['samples_per_s_total']:,.0f} samples/s in all, "
+    runs = [(f"world {world}", row) for world, row in loader["by_world"].items()]
+    for name, row in [*runs, ("world 1, from disk (pages evicted)", loader["evicted_world_1"])]:
+        lines.append(f"loader    {name}: {row['samples_per_s_total']:,.0f} samples/s in all, "
                      f"{row['samples_per_s_per_process']:,.0f} per process, {row['samples_per_s_per_worker']:,.0f} "
-                     f"per worker ({loader['workers']} each, {loader['read_threads']} read threads); "
+                     f"per worker ({loader['workers']} each); "
                      f"{row['cpu_us_per_sample']:.0f} CPU-us/sample (idle cores: "
                      f"{1e6 / row['cpu_us_per_sample']:,.0f} samples/s each); a start read "
                      f"{row['bytes_read_per_start'] / 1e6:,.1f} MB = {row['bytes_read_over_bytes_used']:.3f} x its "
@@ -320,9 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="working directory: the dataset, the checkpoint, the report")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per chunk (prep's default)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers per process")
-    parser.add_argument("--read-threads", type=int, default=READ_THREADS,
-                        help=f"samples each worker reads at once, as data.read_threads (default {READ_THREADS}; "
-                             "0 or 1: one by one)")
     parser.add_argument("--world-sizes", type=world_sizes, default="1,2,8",
                         help="loader processes on this machine, comma-separated")
     parser.add_argument("--batch", type=int, default=256, help="global batch (the paper's)")
@@ -331,16 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.fraction <= 1:
         parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
-    if args.read_threads < 0:
-        parser.error(f"--read-threads must be >= 0, got {args.read_threads}")
     logging.basicConfig(level=logging.WARNING)
     prepare_out_dir(args.out)
     data = os.path.join(args.out, "data")
     num_images = max(1, round(IMAGENET_TRAIN_IMAGES * args.fraction))
     report = {"fraction": args.fraction, "cpu_count": os.cpu_count(), "targets": TARGETS,
               "prep": bench_prep(data, num_images, args.shard_size)}
-    report["loader"] = bench_loader(data, args.world_sizes, args.workers, args.read_threads, args.batch, args.steps)
-    report["startup"] = bench_startup(data, args.workers, args.read_threads)
+    report["loader"] = bench_loader(data, args.world_sizes, args.workers, args.batch, args.steps)
+    report["startup"] = bench_startup(data, args.workers)
     if args.model != "none":
         report["requeue"] = bench_requeue(args.model, os.path.join(args.out, "checkpoint"))
     with open(os.path.join(args.out, REPORT_NAME), "w") as f:

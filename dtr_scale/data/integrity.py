@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xxhash  # a dependency of mosaicml-streaming
 
+from dtr_scale.data.open_files import OpenFiles
 from dtr_scale.data.shard_format import ShardDataError, file_sha256, tar_index_path
 from dtr_scale.io import atomic_write_json, read_json
 
@@ -100,13 +100,17 @@ def npy_rows(path: str, dtype: np.dtype | type, shape: tuple[int, ...]) -> NpyRo
     return NpyRows(path, offset, row, shape[0])
 
 
-def read_row(rows: NpyRows, index: int) -> np.ndarray:
-    """Row `index` of the file, one pread of its bytes (no handle kept: readers hold none across reads)."""
-    fd = os.open(rows.path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, rows.dtype.itemsize, rows.offset + index * rows.dtype.itemsize)
-    finally:
-        os.close(fd)
+def read_row(rows: NpyRows, index: int, files: OpenFiles | None = None) -> np.ndarray:
+    """Row `index` of the file, one pread of its bytes (through the reader's open `files`, if given)."""
+    at = rows.offset + index * rows.dtype.itemsize
+    if files is not None:
+        data = files.pread(rows.path, rows.dtype.itemsize, at)
+    else:
+        fd = os.open(rows.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, rows.dtype.itemsize, at)
+        finally:
+            os.close(fd)
     if len(data) != rows.dtype.itemsize:
         raise ShardDataError(f"{rows.path} was cut short after it was verified: row {index} of {rows.count} is "
                              "missing; run `dtr-prep verify` on the dataset to list every damaged shard")
@@ -267,25 +271,22 @@ def forget(root: str, relpaths: list[str]) -> None:
 
 class ShardChecks:
     """Per reader (one per loader worker): a shard's files are fetched if remote, verified unless the mark
-    covers them, and then each sample read is compared with its stored hash. Safe for the read threads of
-    a worker: a shard's first touch is done by one thread while the others wait. `marked`: the mark as the
+    covers them, and then each sample read is compared with its stored hash. `marked`: the mark as the
     start's check left it, so that no worker reads it again (at 1,252 shards it is half a megabyte, read
-    by each of 8 ranks x 8 workers); None reads it here."""
+    by each of 8 ranks x 8 workers); None reads it here. `files`: the reader's open files, which the stored
+    hashes are read through too."""
 
     def __init__(self, root: str, manifest: dict, sizes: list[int | None], fetch: Fetcher | None = None,
-                 marked: dict[str, dict] | None = None) -> None:
+                 marked: dict[str, dict] | None = None, files: OpenFiles | None = None) -> None:
         self.root, self.entries, self.sizes, self.fetch = root, manifest["shards"], sizes, fetch
+        self.files = OpenFiles() if files is None else files
         self.marked = read_mark(mark_path(root)) if marked is None else marked
         self.hashes: dict[int, NpyRows | None] = {}  # set last, once a shard is ready
-        self._first_touch = threading.Lock()
 
     def ready(self, shard: int, position: int) -> None:
         """Fetch and verify shard `shard` (its first read, at global sample `position`)."""
-        if shard in self.hashes:
-            return
-        with self._first_touch:
-            if shard not in self.hashes:
-                self._first_read(shard, position)
+        if shard not in self.hashes:
+            self._first_read(shard, position)
 
     def _first_read(self, shard: int, position: int) -> None:
         files = shard_files(self.entries[shard])
@@ -319,10 +320,10 @@ class ShardChecks:
             if not all(is_trusted(self.root, self.marked, p, s) for p, s in files):
                 self.marked = hash_and_mark(self.root, files, what=what)
 
-    def check(self, shard: int, index: int, data: bytes, position: int) -> None:
+    def check(self, shard: int, index: int, data: bytes | memoryview, position: int) -> None:
         """ShardDataError naming shard and sample if the bytes read are not the ones prep wrote."""
         hashes = self.hashes[shard]
-        if data and (hashes is None or xxhash.xxh3_64_intdigest(data) == int(read_row(hashes, index))):
+        if data and (hashes is None or xxhash.xxh3_64_intdigest(data) == int(read_row(hashes, index, self.files))):
             return
         path = self.entries[shard]["path"]
         forget(self.root, [path])

@@ -11,11 +11,9 @@ webdataset library's own streaming pipeline (shard shuffle + shuffle buffer) is 
 because its order changes with the number of ranks and workers and it cannot resume mid-epoch.
 Workers: worker w of n builds the batches of steps start + w, start + w + n, ...; torch's DataLoader hands
 them back round-robin, i.e. in step order, so the sequence does not depend on num_workers either.
-Random access assumes the shards sit on a filesystem with a page cache (node-local disk is fastest).
-Read threads: each worker reads a batch's samples `read_threads` at a time (a thread pool made in the worker,
-never before the fork), so that where the shards exceed the page cache the disk sees workers x threads reads
-at once instead of one per worker; the batch is assembled in sample order, so its content does not depend on
-the number of threads.
+Random access assumes the shards sit on a filesystem with a page cache (node-local disk is fastest). Where
+the shards exceed it, each worker tells the kernel a whole batch's byte ranges before reading the first
+(readers.read_extents), so the disk sees workers x batch reads at once, not one per worker.
 With `remote` (s3://bucket/prefix, gs://...), `path` is the node-local cache the shards are fetched into
 on their first read (remote.py); integrity is checked the same way for both (integrity.py).
 The training loop wraps any loader in DevicePrefetcher (below): batches arrive on the GPU one step ahead.
@@ -23,17 +21,13 @@ The training loop wraps any loader in DevicePrefetcher (below): batches arrive o
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dtr_scale.config import DataConfig
 from dtr_scale.data.integrity import verify_dataset
 from dtr_scale.data.latents import draw_noise_and_flips, sample_latents
 from dtr_scale.data.order import BatchOrder
@@ -44,67 +38,43 @@ from dtr_scale.data.shard_format import FORMATS, ShardDataError, read_manifest
 __all__ = ["DevicePrefetcher", "ShardLoader", "build_shard_loader", "checked_manifest", "read_manifest", "load_batch"]
 
 STATE_VERSION = 1
-READ_THREADS = DataConfig.read_threads  # config.py says why
 
 
-def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest: dict, hflip: bool = True,
-               pool: Executor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(reader, positions: np.ndarray, *, epoch: int, seed: int, manifest: dict,
+               hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents float32 [B, C, h, w], labels int64 [B]) for the samples at these positions in this epoch;
-    with hflip=False always from the image itself (the noise draws stay the same). With `pool` the samples
-    are read concurrently; the batch is the same, in the same order."""
+    with hflip=False always from the image itself (the noise draws stay the same)."""
     eps, flips = draw_noise_and_flips(seed, epoch, positions, tuple(manifest["latent_shape"]))
-    if not hflip:
-        flips[:] = False
-    # Only the drawn view of each sample (image or flip) is copied out of the bytes read: half the copying.
-    views = np.empty((len(positions), *manifest["stored_shape"][1:]), manifest["dtype"])
-    labels = torch.empty(len(positions), dtype=torch.int64)
-    if pool is not None:
-        # A shard's first read (its checks, its .npy headers) is done here, before the threads read: numpy
-        # parses a header with ast.literal_eval, which CPython 3.11 cannot run beside other threads (a rare
-        # "SystemError: AST constructor recursion depth mismatch", python/cpython#106905).
-        reader.ready(positions.tolist())
-    reads = (map if pool is None else pool.map)(reader.read, positions.tolist())  # Executor.map keeps the order
-    for j, ((moments, label), flip) in enumerate(zip(reads, flips.tolist())):
-        views[j], labels[j] = moments[int(flip)], label
-    return sample_latents(views, eps, manifest["scale_factor"]), labels
-
-
-@contextlib.contextmanager
-def read_pool(threads: int) -> Iterator[Executor | None]:
-    """The threads one loader worker reads its samples with; none (read serially) for 0 or 1."""
-    if threads <= 1:
-        yield None
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="shard-read") as pool:
-        yield pool
+    moments, labels = reader.read_batch(positions)
+    # Only the drawn view of each sample (image or flip) is copied out of the bytes read.
+    views = moments[np.arange(len(positions)), flips.astype(np.intp) if hflip else 0]
+    return sample_latents(views, eps, manifest["scale_factor"]), torch.from_numpy(labels)
 
 
 class _RankBatches(IterableDataset):
     """This rank's batches from `start_step` on, split across DataLoader workers by step."""
 
     def __init__(self, root: str, manifest: dict, order: BatchOrder, start_step: int, hflip: bool,
-                 fetch: Fetcher | None, read_threads: int, marked: dict[str, dict] | None) -> None:
+                 fetch: Fetcher | None, marked: dict[str, dict] | None) -> None:
         self.root, self.manifest, self.order, self.start_step = root, manifest, order, start_step
-        self.hflip, self.fetch, self.read_threads, self.marked = hflip, fetch, read_threads, marked
+        self.hflip, self.fetch, self.marked = hflip, fetch, marked
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
         reader = open_reader(self.root, self.manifest, self.fetch, self.marked)  # here: one per worker process
-        with read_pool(self.read_threads) as pool:  # made here too: threads do not survive a fork
-            for step in itertools.count(self.start_step + worker_id, num_workers):
-                yield load_batch(reader, self.order.rank_positions(step), epoch=self.order.epoch(step),
-                                 seed=self.order.seed, manifest=self.manifest, hflip=self.hflip, pool=pool)
+        for step in itertools.count(self.start_step + worker_id, num_workers):
+            yield load_batch(reader, self.order.rank_positions(step), epoch=self.order.epoch(step),
+                             seed=self.order.seed, manifest=self.manifest, hflip=self.hflip)
 
 
 class ShardLoader:
     """An endless iterator of this rank's batches; its position is the number of global steps consumed."""
 
     def __init__(self, root: str, manifest: dict, order: BatchOrder, num_workers: int = 0,
-                 hflip: bool = True, fetch: Fetcher | None = None, read_threads: int = READ_THREADS,
-                 marked: dict[str, dict] | None = None) -> None:
+                 hflip: bool = True, fetch: Fetcher | None = None, marked: dict[str, dict] | None = None) -> None:
         self.root, self.manifest, self.order, self.num_workers = root, manifest, order, num_workers
-        self.hflip, self.fetch, self.read_threads, self.marked = hflip, fetch, read_threads, marked
+        self.hflip, self.fetch, self.marked = hflip, fetch, marked
         self.step = 0
         self._batches = None
 
@@ -121,8 +91,7 @@ class ShardLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
-            stream = _RankBatches(self.root, self.manifest, self.order, self.step, self.hflip, self.fetch,
-                                  self.read_threads, self.marked)
+            stream = _RankBatches(self.root, self.manifest, self.order, self.step, self.hflip, self.fetch, self.marked)
             # Workers prefetch ahead; `step` counts only the batches handed out, so the state stays exact.
             self._batches = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
         batch = next(self._batches)
@@ -168,18 +137,15 @@ def checked_dataset(path: str, *, format: str, remote: str | None = None) -> tup
 
 
 def build_shard_loader(path: str, *, format: str, global_batch_size: int, rank: int, world_size: int,
-                       seed: int, num_workers: int = 0, hflip: bool = True, remote: str | None = None,
-                       read_threads: int = READ_THREADS) -> ShardLoader:
+                       seed: int, num_workers: int = 0, hflip: bool = True, remote: str | None = None) -> ShardLoader:
     """The loader of the prepared dataset at `path` (a directory with manifest.json), or of the one at
     `remote` with `path` as its local cache; hflip: draw the image or its stored horizontal flip per sample
-    and epoch (DiT's augmentation); read_threads: samples each worker reads at once (0 or 1: one by one)."""
-    if read_threads < 0:
-        raise ValueError(f"read_threads must be >= 0 (0 or 1: read serially), got {read_threads}")
+    and epoch (DiT's augmentation)."""
     manifest, marked = checked_dataset(path, format=format, remote=remote)
     order = BatchOrder(manifest["num_samples"], global_batch_size, rank, world_size, seed)
     fetch = Fetcher(remote, path) if remote else None
     open_reader(path, manifest, fetch, marked)  # here: the format's library imported once, not once per worker
-    return ShardLoader(path, manifest, order, num_workers, hflip, fetch, read_threads, marked)
+    return ShardLoader(path, manifest, order, num_workers, hflip, fetch, marked)
 
 
 class DevicePrefetcher:

@@ -1,10 +1,15 @@
-"""Random access to the stored samples of a prepared dataset, by global sample position.
+"""Random access to the stored samples of a prepared dataset, a batch of global sample positions at a time.
 
-Both formats are read by position so that one sampler (order.py) decides the order for both. MDS goes
-through streaming's random-access reader (`LocalDataset` finds a sample's bytes); webdataset tars through
-the per-shard offset index written beside each tar at prep time (`build_tar_index`).
-Readers open files per read and hold no handles, so they are safe to build before DataLoader workers fork,
-and safe to call from the read threads of a worker (loader.py): a shard's first touch takes a lock.
+Both formats are read by position so that one sampler (order.py) decides the order for both. MDS shards are
+found through streaming's index (`LocalDataset`: which shards, how many samples, which columns at which
+offsets); a sample's bytes are then read by position, through the byte range the shard's own header gives
+(streaming's reader opens the file and reads each sample alone, which costs a cached sample twice over).
+Webdataset tars are read through the per-shard offset index written beside each tar at prep time
+(`build_tar_index`).
+A batch is read in three passes (`read_extents`): where each sample lies (an 8-byte header or index row),
+a WILLNEED hint for every sample (open_files.py: the disk queues the whole batch's reads at once), then the
+reads into one buffer, each checked against the hash prep stored for it. Files stay open per reader
+(OpenFiles); readers are built in each DataLoader worker, and a descriptor a fork shares is harmless (pread).
 A tar's offset index is read by row, like the per-sample hashes (integrity.read_row): a start at 8 ranks
 reads a few samples of each shard, not each shard's whole index.
 Integrity (integrity.py): a shard's first read makes sure it was hashed once against manifest.json (a stat
@@ -20,6 +25,7 @@ import os
 import numpy as np
 
 from dtr_scale.data.integrity import NpyRows, ShardChecks, npy_rows, read_row
+from dtr_scale.data.open_files import OpenFiles
 from dtr_scale.data.remote import Fetcher
 from dtr_scale.data.shard_format import ShardDataError, build_tar_index, tar_index_path
 
@@ -41,65 +47,90 @@ def fixed_column_offsets(column_names: list[str], column_sizes: list[int | None]
     return offsets
 
 
-class MDSReader:
-    """streaming's LocalDataset finds and reads a sample's bytes; only moments and label are decoded,
-    from their fixed offsets, because streaming's generic decoder (every column, every sample, the column
-    encodings re-parsed each time) costs more than the rest of the loader together."""
+def locate(starts: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, sample index in it) of each global position; `starts`: each shard's first position, then the
+    total."""
+    shards = np.searchsorted(starts, positions, side="right") - 1
+    return shards, positions - starts[shards]
 
+
+def read_extents(files: OpenFiles, checks: ShardChecks, paths: list[str], shards: np.ndarray,
+                 indexes: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """uint8 [B, max size]: row j holds the `sizes[j]` bytes at `offsets[j]` of shard `shards[j]` (sample
+    `indexes[j]` of it, global `positions[j]`), checked against its stored hash (ShardDataError naming the
+    shard and sample otherwise)."""
+    for shard, offset, size in zip(shards.tolist(), offsets.tolist(), sizes.tolist()):
+        if size:  # (0 would mean "to the end of the file")
+            files.will_need(paths[shard], offset, size)
+    buffer = np.empty((len(shards), int(sizes.max(initial=0))), np.uint8)
+    for j, (shard, offset, size) in enumerate(zip(shards.tolist(), offsets.tolist(), sizes.tolist())):
+        row = memoryview(buffer[j, :size])
+        got = files.read_into(paths[shard], row, offset)
+        checks.check(int(shard), int(indexes[j]), row[:got], int(positions[j]))
+    return buffer
+
+
+class MDSReader:
     def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None,
                  marked: dict[str, dict] | None = None) -> None:
         from streaming import LocalDataset  # heavy import, only where MDS is read
 
         try:
-            self._dataset = LocalDataset(local=root)
+            dataset = LocalDataset(local=root)
         except (ValueError, KeyError, TypeError) as err:  # a damaged index.json (JSONDecodeError is a ValueError)
             raise ShardDataError(f"{os.path.join(root, 'index.json')} cannot be read ({type(err).__name__}: {err}); "
                                  f"rerun `dtr-prep merge {root}` to rewrite it") from err
         entries = {shard["path"]: shard for shard in manifest["shards"]}
-        unknown = [s.raw_data.basename for s in self._dataset.shards if s.raw_data.basename not in entries]
+        unknown = [s.raw_data.basename for s in dataset.shards if s.raw_data.basename not in entries]
         if unknown:
             raise ShardDataError(f"{os.path.join(root, 'index.json')} lists shards that manifest.json does not "
                                  f"({', '.join(unknown[:3])}); the two belong to different datasets, rerun "
                                  f"`dtr-prep merge {root}`")
-        in_index_order = {"shards": [entries[s.raw_data.basename] for s in self._dataset.shards]}
-        self._checks = ShardChecks(root, in_index_order, [s.raw_data.bytes for s in self._dataset.shards], fetch,
-                                   marked)
+        in_index_order = {"shards": [entries[s.raw_data.basename] for s in dataset.shards]}
+        self._files = OpenFiles()
+        self._checks = ShardChecks(root, in_index_order, [s.raw_data.bytes for s in dataset.shards], fetch,
+                                   marked, self._files)
+        self._paths = [os.path.join(root, s.raw_data.basename) for s in dataset.shards]
+        self._bytes = np.array([s.raw_data.bytes for s in dataset.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum([s.samples for s in dataset.shards])]).astype(np.int64)
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
-        self._count = int(np.prod(self._shape))
-        self._offsets = [fixed_column_offsets(s.column_names, s.column_sizes) for s in self._dataset.shards]
-        if any({"label", "moments"} - set(o) for o in self._offsets):
-            raise ShardDataError(f"{root}: the MDS shards lack fixed-size label and moments columns; "
-                                 "they were not written by dtr-prep, prepare the data again")
-        _check_count(root, len(self._dataset), manifest)
+        layouts = {tuple(fixed_column_offsets(s.column_names, s.column_sizes).items()) for s in dataset.shards}
+        self._columns = dict(layouts.pop()) if len(layouts) == 1 else {}
+        if {"label", "moments"} - set(self._columns) or any(s.compression for s in dataset.shards):
+            raise ShardDataError(f"{root}: the MDS shards lack uncompressed fixed-size label and moments columns "
+                                 "in one layout; they were not written by dtr-prep, prepare the data again")
+        _check_count(root, int(self._starts[-1]), manifest)
 
     def __len__(self) -> int:
-        return len(self._dataset)
+        return int(self._starts[-1])
 
-    def ready(self, positions: list[int]) -> None:
-        """First reads of the shards these samples are in (see loader.load_batch), before reading them."""
-        for position in positions:
-            self._checks.ready(self._dataset.spanner[position][0], position)
-
-    def read(self, position: int) -> tuple[np.ndarray, int]:
-        """(moments [2, 2C, h, w], label) of the sample at this global position."""
-        shard, index = self._dataset.spanner[position]
-        self._checks.ready(shard, position)
-        try:
-            data = self._dataset.shards[shard].get_sample_data(index)
-        except (IndexError, ValueError):  # the shard was cut short after it was verified: named below
-            data = b""
-        self._checks.check(shard, index, data, position)
-        offsets = self._offsets[shard]
-        moments = np.frombuffer(data, self._dtype, self._count, offsets["moments"]).reshape(self._shape)
-        return moments, int(np.frombuffer(data, np.int64, 1, offsets["label"])[0])
+    def read_batch(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(moments [B, 2, 2C, h, w], labels int64 [B]) of the samples at these global positions; the moments
+        are a view of the bytes read."""
+        shards, indexes = locate(self._starts, positions)
+        for shard, first in zip(*np.unique(shards, return_index=True)):
+            self._checks.ready(int(shard), int(positions[first]))
+        # An MDS shard begins with uint32 [samples, offset of sample 0, ..., end of the last sample].
+        pairs = b"".join(self._files.pread(self._paths[s], 8, 4 * (1 + i)).ljust(8, b"\0")
+                         for s, i in zip(shards.tolist(), indexes.tolist()))
+        bounds = np.frombuffer(pairs, np.uint32).reshape(-1, 2).astype(np.int64)
+        sizes = bounds[:, 1] - bounds[:, 0]
+        # A header damaged after its shard was verified: read nothing, the hash check below names it.
+        sizes[(sizes < 0) | (bounds[:, 1] > self._bytes[shards])] = 0
+        data = read_extents(self._files, self._checks, self._paths, shards, indexes, bounds[:, 0], sizes, positions)
+        at, count = self._columns["moments"], self._dtype.itemsize * int(np.prod(self._shape))
+        moments = data[:, at:at + count].view(self._dtype).reshape(len(positions), *self._shape)
+        at = self._columns["label"]
+        return moments, data[:, at:at + 8].view(np.int64)[:, 0].copy()
 
 
 class TarReader:
     def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None,
                  marked: dict[str, dict] | None = None) -> None:
+        self._files = OpenFiles()
         self._checks = ShardChecks(root, manifest, [shard.get("bytes") for shard in manifest["shards"]], fetch,
-                                   marked)
+                                   marked, self._files)
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -112,9 +143,6 @@ class TarReader:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def _shard(self, position: int) -> int:
-        return int(np.searchsorted(self._starts, position, side="right")) - 1
-
     def _ready(self, shard: int, position: int) -> None:
         """Check the shard (and its index file) against the manifest and find its index, on its first read."""
         if shard not in self._indexes:
@@ -125,26 +153,23 @@ class TarReader:
             self._indexes[shard] = (npy_rows(sidecar, np.int64, (samples, 3))
                                     if os.path.exists(sidecar) else build_tar_index(path))
 
-    def ready(self, positions: list[int]) -> None:
-        """First reads of the shards these samples are in (see loader.load_batch), before reading them."""
-        for position in positions:
-            self._ready(self._shard(position), position)
-
-    def _index_row(self, shard: int, index: int, position: int) -> np.ndarray:
+    def _index_row(self, shard: int, index: int) -> np.ndarray:
         """(offset, bytes, label) of sample `index` of the shard."""
-        self._ready(shard, position)
         rows = self._indexes[shard]
-        return read_row(rows, index) if isinstance(rows, NpyRows) else rows[index]
+        return read_row(rows, index, self._files) if isinstance(rows, NpyRows) else rows[index]
 
-    def read(self, position: int) -> tuple[np.ndarray, int]:
-        """(moments [2, 2C, h, w], label) of the sample at this global position."""
-        shard = self._shard(position)
-        offset, nbytes, label = self._index_row(shard, position - int(self._starts[shard]), position)
-        with open(self._paths[shard], "rb", buffering=0) as f:
-            f.seek(int(offset))
-            data = f.read(int(nbytes))
-        self._checks.check(shard, position - int(self._starts[shard]), data, position)
-        return np.frombuffer(data, self._dtype).reshape(self._shape), int(label)
+    def read_batch(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(moments [B, 2, 2C, h, w], labels int64 [B]) of the samples at these global positions; the moments
+        are a view of the bytes read."""
+        shards, indexes = locate(self._starts, positions)
+        for shard, first in zip(*np.unique(shards, return_index=True)):
+            self._ready(int(shard), int(positions[first]))
+        rows = np.array([self._index_row(s, i) for s, i in zip(shards.tolist(), indexes.tolist())],
+                        dtype=np.int64).reshape(-1, 3)
+        count = self._dtype.itemsize * int(np.prod(self._shape))
+        sizes = np.where(rows[:, 1] == count, count, 0)  # an index damaged after it was verified: checked below
+        data = read_extents(self._files, self._checks, self._paths, shards, indexes, rows[:, 0], sizes, positions)
+        return data[:, :count].view(self._dtype).reshape(len(positions), *self._shape), rows[:, 2].copy()
 
 
 def _check_count(root: str, found: int, manifest: dict) -> None:

@@ -77,7 +77,7 @@ def build_loader(cfg: TrainConfig, rank: int, world_size: int):
 
     return build_shard_loader(cfg.data.path, format=cfg.data.format, global_batch_size=cfg.global_batch_size,
                               rank=rank, world_size=world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                              hflip=cfg.data.hflip, remote=cfg.data.remote, read_threads=cfg.data.read_threads)
+                              hflip=cfg.data.hflip, remote=cfg.data.remote)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

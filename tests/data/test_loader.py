@@ -1,19 +1,28 @@
+import gc
 import json
-import threading
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from dtr_scale.data.latents import draw_noise_and_flips
+from dtr_scale.data import open_files
 from dtr_scale.data.loader import build_shard_loader, read_manifest
-from dtr_scale.data.readers import open_reader
 from dtr_scale.data.shard_format import ShardDataError
 
 
-def loader(path, fmt="mds", batch=16, rank=0, world=1, seed=0, workers=0, hflip=True, read_threads=8):
+def loader(path, fmt="mds", batch=16, rank=0, world=1, seed=0, workers=0, hflip=True):
     return build_shard_loader(path, format=fmt, global_batch_size=batch, rank=rank, world_size=world, seed=seed,
-                              num_workers=workers, hflip=hflip, read_threads=read_threads)
+                              num_workers=workers, hflip=hflip)
+
+
+def stored_moments(path):
+    """Every sample's moments [n, 2, 2C, h, w], decoded by streaming's own reader (not the loader's)."""
+    from streaming import LocalDataset
+
+    dataset = LocalDataset(local=path)
+    return np.stack([dataset[i]["moments"] for i in range(len(dataset))])
 
 
 def take(it, n):
@@ -43,64 +52,79 @@ def test_two_ranks_with_two_workers_read_disjoint_samples_covering_the_epoch(ide
 
 
 @pytest.mark.parametrize("fmt", ["mds", "webdataset"])
-def test_read_threads_and_workers_do_not_change_the_batches(noisy_datasets, fmt, monkeypatch):
-    """A worker reads a batch's samples 8 at a time in threads: the batches are those read one by one, in
-    the same order, whatever the number of workers."""
+def test_workers_do_not_change_the_batches(noisy_datasets, fmt):
     path = noisy_datasets[fmt]
-    serial = take(loader(path, fmt, read_threads=1), 6)  # 6 steps of 16 over 64 samples: into epoch 1
-    reader_class = type(open_reader(path, read_manifest(path)))
-    threads = set()
-    real_read = reader_class.read
-    monkeypatch.setattr(reader_class, "read", lambda self, p: threads.add(threading.current_thread().name)
-                        or real_read(self, p))
-    for workers in (0, 2):
-        threaded = take(loader(path, fmt, workers=workers, read_threads=8), 6)
-        for step, ((xs, ys), (xt, yt)) in enumerate(zip(serial, threaded)):
-            assert torch.equal(xs, xt) and torch.equal(ys, yt), (workers, step)
-    assert len({name for name in threads if name.startswith("shard-read")}) > 1  # read concurrently here
+    in_process = take(loader(path, fmt), 6)  # 6 steps of 16 over 64 samples: into epoch 1
+    for (x0, y0), (x2, y2) in zip(in_process, take(loader(path, fmt, workers=2), 6)):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
-def test_threaded_reads_keep_each_sample_in_its_place(identity_datasets):
-    it = loader(identity_datasets["mds"], batch=40, read_threads=8)
-    for step in range(6):
+@pytest.mark.parametrize("fmt", ["mds", "webdataset"])
+def test_each_sample_lands_in_its_place_and_each_file_is_opened_once(identity_datasets, fmt, monkeypatch):
+    opened = []
+    real_open = open_files.os.open
+    monkeypatch.setattr(open_files.os, "open", lambda path, flags: opened.append(path) or real_open(path, flags))
+    it = loader(identity_datasets[fmt], fmt, batch=40)
+    for step in range(6):  # 200 samples in 4 shards, 40 a step: every sample of every shard read at least once
         latents, labels = next(it)
         positions = torch.tensor(it.order.rank_positions(step))
         assert torch.equal(sample_ids(latents), positions) and torch.equal(labels, positions % 10)
+    data_files = [p for p in opened if p.endswith((".mds", ".tar"))]
+    assert len(data_files) == len(set(data_files)) == len(read_manifest(identity_datasets[fmt])["shards"])
+    assert len(opened) == len(set(opened))  # the per-sample hashes (and a tar's index) too: once each
 
 
-def test_read_threads_come_from_the_config_and_a_negative_count_is_refused(identity_datasets):
-    from dtr_scale.config import ConfigError, to_train_config
-    from dtr_scale.train.components import build_loader
+def test_a_batch_is_announced_to_the_kernel_before_its_first_read(identity_datasets, monkeypatch):
+    """Every sample's exact byte range is hinted WILLNEED before the batch's first read (the disk queues them
+    all), each file has read-ahead off (RANDOM), and each read asks for the hinted range."""
+    calls = []
+    real_fadvise, real_preadv = open_files.os.posix_fadvise, open_files.os.preadv
+    monkeypatch.setattr(open_files.os, "posix_fadvise", lambda fd, offset, size, advice: calls.append(
+        ("advise", fd, offset, size, advice)) or real_fadvise(fd, offset, size, advice))
+    monkeypatch.setattr(open_files.os, "preadv", lambda fd, buffers, offset: calls.append(
+        ("read", fd, offset, sum(len(b) for b in buffers), None)) or real_preadv(fd, buffers, offset))
+    from streaming import LocalDataset
 
-    data = {"kind": "shards", "path": identity_datasets["mds"]}
-    cfg = to_train_config({"data": {**data, "read_threads": 3}, "global_batch_size": 8})
-    assert build_loader(cfg, rank=0, world_size=1).read_threads == 3
-    assert to_train_config({"data": data}).data.read_threads == 8
-    with pytest.raises(ConfigError, match=r"data.read_threads: got -1; must be >= 0 \(0 or 1: read the samples"):
-        to_train_config({"data": {**data, "read_threads": -1}})
+    stored = LocalDataset(local=identity_datasets["mds"])
+    # An MDS sample: the source column's uint32 length, index and label (int64), the moments, the source.
+    record_sizes = [4 + 8 + 8 + stored[i]["moments"].nbytes + len(stored[i]["source"].encode()) for i in range(200)]
+    it = loader(identity_datasets["mds"], batch=40)
+    for step in range(3):
+        calls.clear()
+        next(it)
+        hints = [c[1:4] for c in calls if c[4] == os.POSIX_FADV_WILLNEED]
+        reads = [c[1:4] for c in calls if c[0] == "read"]
+        first_read = next(i for i, c in enumerate(calls) if c[0] == "read")
+        assert len(reads) == 40 and hints == reads  # same ranges, same order
+        assert all(c[4] != os.POSIX_FADV_WILLNEED for c in calls[first_read:])
+        assert sorted(size for _, _, size in reads) == sorted(record_sizes[p] for p in it.order.rank_positions(step))
+    assert all(c[2:4] == (0, 0) for c in calls if c[4] == os.POSIX_FADV_RANDOM)
 
 
-def test_read_threads_per_dataset_preset_and_on_the_command_line():
-    from hydra import compose, initialize_config_dir
-
-    from dtr_scale.config import to_train_config
-    from dtr_scale.configs import CONFIG_DIR
-
-    def composed(*overrides):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return to_train_config(compose(config_name="train", overrides=["run_dir=/tmp/unused", *overrides]))
-
-    # ImageNet's shards exceed the page cache: 8 reads in flight per worker; the digits are always cached
-    assert composed("data=imagenet256").data.read_threads == 8
-    assert composed("data=digits").data.read_threads == 0
-    assert composed("data=imagenet256", "data.read_threads=2").data.read_threads == 2
+def test_open_files_keep_at_most_their_capacity_and_close_when_dropped(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"f{i}"))
+        with open(paths[-1], "wb") as f:
+            f.write(bytes(range(i, i + 8)))
+    files = open_files.OpenFiles(capacity=2)
+    fds = [files.fd(p) for p in paths]
+    assert [files.pread(p, 2, 1) for p in paths[1:]] == [bytes([2, 3]), bytes([3, 4])]
+    assert files.fd(paths[1]) == fds[1]  # kept, not reopened
+    with pytest.raises(OSError):
+        os.fstat(fds[0])  # the least recently used one was closed
+    buffer = bytearray(6)
+    assert files.read_into(paths[2], memoryview(buffer), 4) == 4 and buffer[:4] == bytes([6, 7, 8, 9])
+    del files
+    gc.collect()
+    for fd in fds[1:]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_latents_are_fresh_posterior_draws_of_image_or_flip(noisy_datasets):
     path = noisy_datasets["mds"]
-    manifest = read_manifest(path)
-    reader = open_reader(path, manifest)
-    moments = np.stack([reader.read(i)[0] for i in range(64)])
+    moments = stored_moments(path)
     it = loader(path, batch=16, seed=4)
     for step in range(5):  # crosses into epoch 1: same samples, new noise and flips
         latents, labels = next(it)
@@ -114,8 +138,7 @@ def test_latents_are_fresh_posterior_draws_of_image_or_flip(noisy_datasets):
 
 def test_without_hflip_every_latent_is_of_the_image_itself_with_the_same_noise(noisy_datasets):
     path = noisy_datasets["mds"]
-    reader = open_reader(path, read_manifest(path))
-    moments = np.stack([reader.read(i)[0] for i in range(64)])
+    moments = stored_moments(path)
     flipped, unflipped = loader(path, batch=16, seed=4), loader(path, batch=16, seed=4, hflip=False)
     drawn_flips = 0
     for step in range(4):

@@ -44,8 +44,8 @@ def tree_bytes(root) -> dict[str, bytes]:
 def stored(path):
     manifest = read_manifest(str(path))
     reader = open_reader(str(path), manifest)
-    rows = [reader.read(i) for i in range(len(reader))]
-    return np.stack([m for m, _ in rows]), np.array([label for _, label in rows]), manifest
+    moments, labels = reader.read_batch(np.arange(len(reader)))
+    return moments.copy(), labels, manifest
 
 
 @pytest.mark.parametrize("fmt", ["mds", "webdataset"])
