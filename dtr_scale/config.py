@@ -500,6 +500,21 @@ def appended_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+# Keys of earlier versions of the schema that their runs' saved configs (meta.json, .hydra/config.yaml) still
+# hold; dropped when such a config is read back, so that those runs can still be evaluated and resumed.
+RETIRED_KEYS = ("data.read_threads",)  # the loader's read hints (data/open_files.py) replaced its read threads
+
+
+def without_retired_keys(saved: dict) -> dict:
+    """A saved config without the keys in RETIRED_KEYS (a copy; the others untouched)."""
+    kept = dict(saved)
+    for key in RETIRED_KEYS:
+        section, name = key.split(".")
+        if isinstance(kept.get(section), dict) and name in kept[section]:
+            kept[section] = {k: v for k, v in kept[section].items() if k != name}
+    return kept
+
+
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
     """Validate a composed Hydra config against the schema and build the dataclasses."""
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dtr_scale.config import ConfigError
+from dtr_scale.config import ConfigError, without_retired_keys
 from dtr_scale.train.checkpoint import latest_checkpoint, read_meta
 
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # what `dtr-scale train`'s Hydra saves in the run dir at start
@@ -48,9 +48,9 @@ def saved_run_config(run_dir: Path) -> dict:
     config Hydra saved when training started; without the shell lines."""
     newest = latest_checkpoint(run_dir)
     if newest is not None:
-        return without_shell_lines(read_meta(newest)["config"], newest / "meta.json")
+        return without_shell_lines(without_retired_keys(read_meta(newest)["config"]), newest / "meta.json")
     if (run_dir / HYDRA_CONFIG).is_file():
-        return without_shell_lines(OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_CONFIG), resolve=False),
-                                   run_dir / HYDRA_CONFIG)
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / HYDRA_CONFIG), resolve=False)
+        return without_shell_lines(without_retired_keys(saved), run_dir / HYDRA_CONFIG)
     raise FileNotFoundError(f"{run_dir} has no complete checkpoint and no {HYDRA_CONFIG}: pass the run_dir of a "
                             "run that has started (its training config is read from there)")

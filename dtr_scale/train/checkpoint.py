@@ -45,7 +45,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from dtr_scale.config import CheckpointConfig, TrainConfig, to_train_config
+from dtr_scale.config import CheckpointConfig, TrainConfig, to_train_config, without_retired_keys
 from dtr_scale.io import (
     DiskFullError, atomic_write_json, disk_full_error, free_bytes, fsync_dir, is_disk_full, require_free_space,
 )
@@ -141,6 +141,7 @@ class CheckpointManager:
         self.pending: tuple[Future, int, Path] | None = None
         self.on_disk_step: int | None = None  # the step this manager last saved or loaded
         self.blocked_seconds = 0.0  # time the training loop spent inside save(), for the step breakdown
+        self._state_bytes: int | None = None  # what a checkpoint of this run takes at least (state_bytes)
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-hash")
         if world.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -212,14 +213,16 @@ class CheckpointManager:
         """Refuse to start checkpoint `step` where its filesystem cannot hold one as big as the
         newest complete one, or as the state about to be written (the first save of a run has no
         newest to go by); rank 0 checks, and every rank raises the same error."""
-        share = state_bytes(self.backend.param_groups, self.tensor_states, self.world.rank)
-        shares = [share]
-        if self.world.size > 1:
-            shares = [0] * self.world.size
-            dist.all_gather_object(shares, share)
+        if self._state_bytes is None:  # the same at every save: summed over the ranks once
+            share = state_bytes(self.backend.param_groups, self.tensor_states, self.world.rank)
+            shares = [share]
+            if self.world.size > 1:
+                shares = [0] * self.world.size
+                dist.all_gather_object(shares, share)
+            self._state_bytes = sum(shares)
         message = None
         if self.world.rank == 0:
-            needed = max(newest_checkpoint_bytes(self.root.parent), sum(shares))
+            needed = max(newest_checkpoint_bytes(self.root.parent), self._state_bytes)
             try:
                 require_free_space(self.root / f"{checkpoint_name(step)}.partial", needed, f"checkpoint step {step}",
                                    self._disk_full_advice())
@@ -387,7 +390,7 @@ class CheckpointInfo:
     @cached_property
     def config(self) -> TrainConfig:
         """The config the run was trained with."""
-        return to_train_config(self.meta["config"])
+        return to_train_config(without_retired_keys(self.meta["config"]))
 
 
 def open_checkpoint(path: str | Path, *, verify: bool = True) -> CheckpointInfo:

@@ -100,10 +100,15 @@ def straight(tiny_config, tmp_path_factory):
 
 
 def test_a_save_that_cannot_fit_is_not_started(tiny_config, tmp_path, monkeypatch, straight):
+    from dtr_scale.train import checkpoint
+
+    sized, real_state_bytes = [], checkpoint.state_bytes
+    monkeypatch.setattr(checkpoint, "state_bytes", lambda *args: sized.append(args) or real_state_bytes(*args))
     cfg = crash_config(tiny_config, tmp_path / "full", steps=STEPS)
     with pytest.raises(DiskFullError) as caught:  # after the first save: the second needs what the first took
         train(cfg, on_checkpoint=lambda path, step: little_free(monkeypatch, 1000))
     assert_named(caught.value, cfg.run_dir, checkpoint_bytes(cfg.run_dir, EVERY), free=1000)
+    assert len(sized) == 1  # the state is sized (and summed over ranks) at the first save only
     assert not (checkpoint_dir(cfg.run_dir) / f"{FULL_AT}.partial").exists()  # nothing of it was written
     monkeypatch.undo()  # room again
     assert_resume_is_bitwise(cfg, straight)
