@@ -144,6 +144,29 @@ def test_a_shard_cut_short_while_training_is_caught_at_the_read_of_a_lost_sample
             next(it)
 
 
+@pytest.mark.parametrize("moved_to", ["16 bytes on", "past the end of the file"])
+def test_an_mds_header_damaged_after_its_shard_was_verified_is_caught_at_the_read(identity_datasets, tmp_path,
+                                                                                   moved_to):
+    """The 8 header bytes that say where a sample lies are read with it; damaged in place, they move the
+    sample (its bytes then fail their hash) or point past the file (nothing is read): named all the same."""
+    root = copy_of(identity_datasets, "mds", tmp_path)
+    it = loader(root, "mds")
+    next(it)
+    shard, index = shard_path(root, 1), 7
+    at = 4 * (1 + index)  # where sample 7 begins, which is where sample 6 ends (streaming's layout)
+    stat = os.stat(shard)
+    with open(shard, "r+b") as f:
+        f.seek(at)
+        begin = int(np.frombuffer(f.read(4), np.uint32)[0])
+        f.seek(at)
+        f.write(np.uint32(begin + 16 if moved_to == "16 bytes on" else 2**31).tobytes())
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ShardDataError, match=rf"{shard} changed after it was verified: .* \(sample "
+                                             r"(6 of the shard, global sample 70|7 of the shard, global sample 71)\)"):
+        for _ in range(2 * it.steps_per_epoch):
+            next(it)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_the_full_hash_runs_once_per_dataset_version_not_per_start(identity_datasets, fmt, tmp_path, monkeypatch):
     hashed = []
