@@ -12,6 +12,7 @@ from dtr_scale.data.shard_format import read_manifest
 from dtr_scale.plan.storage import IMAGENET_TRAIN_IMAGES
 
 FRACTION, SHARD_SIZE, BATCH = 0.0003, 128, 32
+STEPS = 24  # 768 samples a run: tens of ms of loader CPU, several of the CPU clock's 10 ms ticks
 
 
 def dtr_bench() -> str:
@@ -21,7 +22,7 @@ def dtr_bench() -> str:
 def test_scale_benchmark_reports_imagenet_shaped_data_and_consistent_figures(tmp_path):
     out = tmp_path / "scale"
     done = subprocess.run([dtr_bench(), "scale", "--fraction", str(FRACTION), "--out", str(out), "--shard-size",
-                           str(SHARD_SIZE), "--batch", str(BATCH), "--steps", "3", "--world-sizes", "1,2",
+                           str(SHARD_SIZE), "--batch", str(BATCH), "--steps", str(STEPS), "--world-sizes", "1,2",
                            "--model", "DiT-S/8"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "scale_report.json").read_text())
@@ -80,3 +81,10 @@ def test_scale_benchmark_usage_errors_exit_2_naming_the_option(tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert done.stderr.startswith("usage: dtr-bench scale ") and f"dtr-bench scale: error: {error}\n" in done.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_run_too_short_for_the_cpu_clock_prints_no_per_core_rate():
+    from dtr_scale.benchmarks.bench_scale import per_core
+
+    assert per_core({"cpu_us_per_sample": 125.0}) == "8,000"
+    assert per_core({"cpu_us_per_sample": 0.0}) == "-"  # 10 ms ticks: a few dozen samples may measure none

@@ -289,6 +289,12 @@ def prepare_out_dir(out: str) -> None:
     os.makedirs(out, exist_ok=True)
 
 
+def per_core(row: dict) -> str:
+    """Samples/s one idle core would give; '-' where a run too short for the CPU clock's 10 ms ticks
+    measured no CPU time."""
+    return f"{1e6 / row['cpu_us_per_sample']:,.0f}" if row["cpu_us_per_sample"] > 0 else "-"
+
+
 def summary(report: dict) -> list[str]:
     prep, loader, startup = report["prep"], report["loader"], report["startup"]
     lines = [f"prep      {prep['images']:,} images -> {prep['shards']} shards in {prep['seconds']:.0f} s "
@@ -300,8 +306,8 @@ def summary(report: dict) -> list[str]:
         lines.append(f"loader    {name}: {row['samples_per_s_total']:,.0f} samples/s in all, "
                      f"{row['samples_per_s_per_process']:,.0f} per process, {row['samples_per_s_per_worker']:,.0f} "
                      f"per worker ({loader['workers']} each); "
-                     f"{row['cpu_us_per_sample']:.0f} CPU-us/sample (idle cores: "
-                     f"{1e6 / row['cpu_us_per_sample']:,.0f} samples/s each); a start read "
+                     f"{row['cpu_us_per_sample']:.0f} CPU-us/sample (idle cores: {per_core(row)} samples/s "
+                     "each); a start read "
                      f"{row['bytes_read_per_start'] / 1e6:,.1f} MB = {row['bytes_read_over_bytes_used']:.3f} x its "
                      "batches' bytes")
     lines.append(f"startup   to the first batch: cold {startup['cold_s']:.1f} s, after a requeue "
