@@ -100,17 +100,9 @@ def npy_rows(path: str, dtype: np.dtype | type, shape: tuple[int, ...]) -> NpyRo
     return NpyRows(path, offset, row, shape[0])
 
 
-def read_row(rows: NpyRows, index: int, files: OpenFiles | None = None) -> np.ndarray:
-    """Row `index` of the file, one pread of its bytes (through the reader's open `files`, if given)."""
-    at = rows.offset + index * rows.dtype.itemsize
-    if files is not None:
-        data = files.pread(rows.path, rows.dtype.itemsize, at)
-    else:
-        fd = os.open(rows.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, rows.dtype.itemsize, at)
-        finally:
-            os.close(fd)
+def read_row(rows: NpyRows, index: int, files: OpenFiles) -> np.ndarray:
+    """Row `index` of the file, one pread of its bytes through the reader's open `files`."""
+    data = files.pread(rows.path, rows.dtype.itemsize, rows.offset + index * rows.dtype.itemsize)
     if len(data) != rows.dtype.itemsize:
         raise ShardDataError(f"{rows.path} was cut short after it was verified: row {index} of {rows.count} is "
                              "missing; run `dtr-prep verify` on the dataset to list every damaged shard")
@@ -276,10 +268,9 @@ class ShardChecks:
     by each of 8 ranks x 8 workers); None reads it here. `files`: the reader's open files, which the stored
     hashes are read through too."""
 
-    def __init__(self, root: str, manifest: dict, sizes: list[int | None], fetch: Fetcher | None = None,
-                 marked: dict[str, dict] | None = None, files: OpenFiles | None = None) -> None:
-        self.root, self.entries, self.sizes, self.fetch = root, manifest["shards"], sizes, fetch
-        self.files = OpenFiles() if files is None else files
+    def __init__(self, root: str, manifest: dict, sizes: list[int | None], files: OpenFiles,
+                 fetch: Fetcher | None = None, marked: dict[str, dict] | None = None) -> None:
+        self.root, self.entries, self.sizes, self.files, self.fetch = root, manifest["shards"], sizes, files, fetch
         self.marked = read_mark(mark_path(root)) if marked is None else marked
         self.hashes: dict[int, NpyRows | None] = {}  # set last, once a shard is ready
 

@@ -63,6 +63,3 @@ class OpenFiles:
 
     def will_need(self, path: str, offset: int, size: int) -> None:
         os.posix_fadvise(self.fd(path), offset, size, os.POSIX_FADV_WILLNEED)
-
-    def close(self) -> None:
-        _close_all(self._fds)

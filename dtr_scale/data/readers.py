@@ -88,13 +88,13 @@ class MDSReader:
                                  f"`dtr-prep merge {root}`")
         in_index_order = {"shards": [entries[s.raw_data.basename] for s in dataset.shards]}
         self._files = OpenFiles()
-        self._checks = ShardChecks(root, in_index_order, [s.raw_data.bytes for s in dataset.shards], fetch,
-                                   marked, self._files)
-        self._paths = [os.path.join(root, s.raw_data.basename) for s in dataset.shards]
         self._bytes = np.array([s.raw_data.bytes for s in dataset.shards], dtype=np.int64)
+        self._checks = ShardChecks(root, in_index_order, self._bytes.tolist(), self._files, fetch, marked)
+        self._paths = [os.path.join(root, s.raw_data.basename) for s in dataset.shards]
         self._starts = np.concatenate([[0], np.cumsum([s.samples for s in dataset.shards])]).astype(np.int64)
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
+        self._moments_bytes = self._dtype.itemsize * int(np.prod(self._shape))
         layouts = {tuple(fixed_column_offsets(s.column_names, s.column_sizes).items()) for s in dataset.shards}
         self._columns = dict(layouts.pop()) if len(layouts) == 1 else {}
         if {"label", "moments"} - set(self._columns) or any(s.compression for s in dataset.shards):
@@ -119,8 +119,8 @@ class MDSReader:
         # A header damaged after its shard was verified: read nothing, the hash check below names it.
         sizes[(sizes < 0) | (bounds[:, 1] > self._bytes[shards])] = 0
         data = read_extents(self._files, self._checks, self._paths, shards, indexes, bounds[:, 0], sizes, positions)
-        at, count = self._columns["moments"], self._dtype.itemsize * int(np.prod(self._shape))
-        moments = data[:, at:at + count].view(self._dtype).reshape(len(positions), *self._shape)
+        at = self._columns["moments"]
+        moments = data[:, at:at + self._moments_bytes].view(self._dtype).reshape(len(positions), *self._shape)
         at = self._columns["label"]
         return moments, data[:, at:at + 8].view(np.int64)[:, 0].copy()
 
@@ -129,8 +129,8 @@ class TarReader:
     def __init__(self, root: str, manifest: dict, fetch: Fetcher | None = None,
                  marked: dict[str, dict] | None = None) -> None:
         self._files = OpenFiles()
-        self._checks = ShardChecks(root, manifest, [shard.get("bytes") for shard in manifest["shards"]], fetch,
-                                   marked, self._files)
+        self._checks = ShardChecks(root, manifest, [shard.get("bytes") for shard in manifest["shards"]],
+                                   self._files, fetch, marked)
         self._paths = [os.path.join(root, shard["path"]) for shard in manifest["shards"]]
         counts = np.array([shard["samples"] for shard in manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -138,6 +138,7 @@ class TarReader:
         self._indexes: dict[int, NpyRows | np.ndarray] = {}
         self._dtype = np.dtype(manifest["dtype"])
         self._shape = tuple(manifest["stored_shape"])
+        self._moments_bytes = self._dtype.itemsize * int(np.prod(self._shape))
         _check_count(root, int(self._starts[-1]), manifest)
 
     def __len__(self) -> int:
@@ -166,7 +167,7 @@ class TarReader:
             self._ready(int(shard), int(positions[first]))
         rows = np.array([self._index_row(s, i) for s, i in zip(shards.tolist(), indexes.tolist())],
                         dtype=np.int64).reshape(-1, 3)
-        count = self._dtype.itemsize * int(np.prod(self._shape))
+        count = self._moments_bytes
         sizes = np.where(rows[:, 1] == count, count, 0)  # an index damaged after it was verified: checked below
         data = read_extents(self._files, self._checks, self._paths, shards, indexes, rows[:, 0], sizes, positions)
         return data[:, :count].view(self._dtype).reshape(len(positions), *self._shape), rows[:, 2].copy()

@@ -14,6 +14,7 @@ import pytest
 from dtr_scale.data import integrity
 from dtr_scale.data.integrity import MARK_NAME, read_mark, sample_hash_path, shard_files
 from dtr_scale.data.loader import build_shard_loader, checked_manifest
+from dtr_scale.data.open_files import OpenFiles
 from dtr_scale.data.shard_format import ShardDataError, read_manifest
 from dtr_scale.data_prep.cli import main as prep_main
 
@@ -372,10 +373,11 @@ def test_a_hash_file_cut_short_after_its_header_was_read_is_named_at_the_read(tm
     path = str(tmp_path / "shard.00000.mds.xxh3.npy")
     np.save(path, np.arange(64, dtype=np.uint64) * 3)
     rows = integrity.npy_rows(path, np.uint64, (64,))
-    assert [int(integrity.read_row(rows, i)) for i in (0, 1, 63)] == [0, 3, 189]
+    files = OpenFiles()
+    assert [int(integrity.read_row(rows, i, files)) for i in (0, 1, 63)] == [0, 3, 189]
     truncate(path)
     with pytest.raises(ShardDataError, match=rf"{path} was cut short after it was verified: row 63 of 64 is missing"):
-        integrity.read_row(rows, 63)
+        integrity.read_row(rows, 63, files)
 
 
 def test_a_start_reads_the_verified_mark_once_not_once_per_worker(identity_datasets, tmp_path, monkeypatch):
